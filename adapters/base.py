@@ -1,0 +1,140 @@
+"""What an adapter knows about a model family, and the small types it hands to the engine.
+
+An adapter holds facts, not plumbing: where the language model is, which token ids mark video
+placeholders, how to read each video's frame grid from the call, which positions are M-RoPE, and
+which extra language-model tensors must follow the tokens. The engine does all the hooking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class VideoSpan:
+    """One video in one batch row of the language-model input.
+
+    Attributes:
+        row: batch row.
+        positions: ``(T*h*w,)`` sequence indices of the grid tokens, frame-major raster order.
+        grid: ``(T, h, w)``.
+        specials: sequence indices of the other placeholder tokens of this video (LLaVA-OneVision's
+            trailing newline, Video-LLaVA's per-frame CLS); the engine always keeps them.
+        frames_per_step: input frames per temporal grid step (2 for Qwen-VL).
+        signals: per-video tensors captured from the vision tower (see ``TokenSet.signals``).
+    """
+
+    row: int
+    positions: Tensor
+    grid: tuple[int, int, int]
+    specials: Tensor
+    frames_per_step: int = 1
+    signals: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def all_positions(self) -> Tensor:
+        return torch.cat([self.positions, self.specials]).sort().values
+
+
+@dataclass
+class Capture:
+    """A hook the engine installs on a vision-side module to record a per-call signal.
+
+    ``fn(module, args, kwargs, output)`` returns the value to record (``output`` is ``None`` for
+    pre-hooks); values are appended, one per call, under ``name`` until the next prefill uses them.
+    """
+
+    name: str
+    module: nn.Module
+    fn: Callable[[nn.Module, tuple, dict, Any], Any]
+    when: Literal["pre", "post"] = "pre"
+
+
+@dataclass
+class CallContext:
+    """What the engine saw of one forward call, for the adapter to locate videos in it."""
+
+    target: Tensor  # (B, L) bool: placeholder tokens
+    input_ids: Tensor | None
+    inner_kwargs: dict[str, Any]  # kwargs the inner multimodal model received (tensors only)
+    captured: dict[str, list[Any]]
+    position_ids: Tensor | None  # as the language model received them
+
+
+class Adapter:
+    """Base class. Subclasses are small and declarative; see ``adapters/llava_onevision.py``."""
+
+    #: Short family name, also the ``TokenSet.layout`` policies see.
+    name: ClassVar[str] = "base"
+    #: Model classes (``...ForConditionalGeneration`` and the inner ``...Model``) this adapter handles.
+    model_classes: ClassVar[tuple[type, ...]] = ()
+    #: "1d" or "mrope" position ids.
+    positions: ClassVar[str] = "1d"
+    #: Signals this family can supply to policies, beyond "query".
+    signals: ClassVar[frozenset[str]] = frozenset()
+    #: Language-model kwargs that hold one entry per sequence position and must follow pruning.
+    lm_extra_kwargs: ClassVar[tuple[str, ...]] = ()
+
+    def inner(self, model: nn.Module) -> nn.Module:
+        """The multimodal model whose forward receives ``input_ids`` and calls the language model."""
+        return model.model if hasattr(model, "model") and not hasattr(model, "language_model") else model
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return self.inner(model).language_model
+
+    def placeholder_ids(self, model: nn.Module) -> list[int]:
+        """Token ids that mark video placeholders in ``input_ids``."""
+        raise NotImplementedError
+
+    def captures(self, model: nn.Module, signals: frozenset[str]) -> list[Capture]:
+        """Hooks to record what :meth:`spans` and the requested ``signals`` need (default: none)."""
+        return []
+
+    def spans(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
+        """Every video of the call, in batch-row then sequence order."""
+        raise NotImplementedError
+
+    def gather_extra(self, kwargs: dict[str, Any], index: Tensor, slot_valid: Tensor) -> dict[str, Any]:
+        """Compact the family's extra LM kwargs with the same ``(B, Lk)`` gather index as the tokens."""
+        return {}
+
+
+def runs(mask: Tensor) -> list[tuple[int, int]]:
+    """Maximal runs of True in a 1-D bool tensor, as ``(start, end)`` half-open intervals."""
+    m = mask.to(torch.int8)
+    edges = torch.diff(torch.cat([m.new_zeros(1), m, m.new_zeros(1)]))
+    starts = (edges == 1).nonzero().squeeze(1).tolist()
+    ends = (edges == -1).nonzero().squeeze(1).tolist()
+    return list(zip(starts, ends))
+
+
+def split_videos(target: Tensor, counts: list[int] | None) -> list[tuple[int, Tensor]]:
+    """Assign placeholder positions to videos, in batch-row then sequence order.
+
+    ``counts`` are the placeholder tokens of each video in that order (known from the pixel tensors
+    or the vision features); with ``None`` every maximal run of placeholders is one video.
+    Returns ``(row, positions)`` pairs.
+    """
+    if counts is None:
+        return [
+            (row, torch.arange(s, e, device=target.device))
+            for row in range(target.shape[0])
+            for s, e in runs(target[row])
+        ]
+    rows, cols = target.nonzero(as_tuple=True)  # row-major: exactly the order features are scattered in
+    if sum(counts) != rows.numel():
+        raise RuntimeError(
+            f"the prompt holds {rows.numel()} video placeholder tokens but the videos need {sum(counts)} ({counts})"
+        )
+    out, offset = [], 0
+    for count in counts:
+        r = rows[offset : offset + count]
+        if bool((r != r[0]).any()):
+            raise RuntimeError("a video's placeholder tokens span two batch rows; the prompt is malformed")
+        out.append((int(r[0]), cols[offset : offset + count]))
+        offset += count
+    return out

@@ -1,0 +1,48 @@
+"""tokcompress: training-free visual-token compression for Hugging Face video LLMs.
+
+    import tokcompress as tc
+    model = tc.wrap(model, "uniform", retain=0.25)
+    out = model.generate(**inputs, max_new_tokens=64)
+    tc.last_record(model)
+    tc.unwrap(model)
+"""
+
+from .api import available_policies, build_policy, compressed, is_wrapped, last_record, policy_of, unwrap, wrap
+from .errors import (
+    MissingSignalError,
+    PolicyOutputError,
+    TokcompressError,
+    UnknownPolicyError,
+    UnsupportedModelError,
+    UnsupportedUsageError,
+)
+from .policy import Policy, Sequential
+from .record import RowRecord, VideoRecord
+from .registry import register
+from .tokens import Compression, TokenSet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Compression",
+    "MissingSignalError",
+    "Policy",
+    "PolicyOutputError",
+    "RowRecord",
+    "Sequential",
+    "TokcompressError",
+    "TokenSet",
+    "UnknownPolicyError",
+    "UnsupportedModelError",
+    "UnsupportedUsageError",
+    "VideoRecord",
+    "available_policies",
+    "build_policy",
+    "compressed",
+    "is_wrapped",
+    "last_record",
+    "policy_of",
+    "register",
+    "unwrap",
+    "wrap",
+]

@@ -1,0 +1,176 @@
+"""The policy interface: a small dataclass whose ``compress`` maps a TokenSet to a Compression.
+
+Policies are pure: they read tensors and return tensors. They never see the model, the cache or the
+generation kwargs; the engine applies what they return. ``retain`` is, everywhere, the fraction of
+visual tokens kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Sequence
+
+import torch
+
+from .tokens import Compression, TokenSet
+
+#: Where a policy acts. "input": on the language model's input embeddings (before layer 0).
+STAGES = ("input", "layer", "decode")
+
+
+def check_retain(retain: float, name: str = "retain") -> float:
+    """Return ``retain`` as a float, or raise a ValueError that says what is allowed."""
+    if isinstance(retain, bool) or not isinstance(retain, (int, float)) or not 0.0 < float(retain) <= 1.0:
+        raise ValueError(f"{name} must be a fraction in (0, 1] of the visual tokens to keep; got {retain!r}")
+    return float(retain)
+
+
+def round_half_up(x: float) -> int:
+    """Round to the nearest integer, halves up (Python's round() rounds halves to even)."""
+    return int(math.floor(x + 0.5))
+
+
+def keep_count(retain: float, n: int) -> int:
+    """``retain * n`` rounded half up, at least 1 and at most ``n``: the baselines' budget rule."""
+    return max(1, min(n, round_half_up(retain * n)))
+
+
+@dataclass
+class Policy:
+    """Base class of every policy.
+
+    Subclasses set ``name`` (the registry key), declare the extra ``needs`` they read from
+    ``TokenSet.signals`` (``"pixels"``, ``"vision_attention"``, ...; ``"query"`` for the question
+    embeddings), and implement :meth:`compress`.
+    """
+
+    retain: float = 0.25
+
+    name: ClassVar[str] = "policy"
+    stage: ClassVar[str] = "input"
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: False for policies that need the whole grid and so must come first in a chain.
+    accepts_partial: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        self.retain = check_retain(self.retain)
+
+    def compress(self, tokens: TokenSet) -> Compression:
+        """Choose (and optionally merge) tokens. Must return a valid :class:`Compression`."""
+        raise NotImplementedError
+
+    def __call__(self, tokens: TokenSet) -> Compression:
+        result = self.compress(tokens)
+        result.validate(tokens, self.name)
+        return result
+
+    @property
+    def label(self) -> str:
+        """Short human-readable description, e.g. ``uniform(retain=0.25)``."""
+        return f"{self.name}(retain={self.retain:g})"
+
+    def stages(self) -> list[Policy]:
+        """The policies this one is made of, in order (itself for a single policy)."""
+        return [self]
+
+
+@dataclass
+class Sequential(Policy):
+    """Apply several input-stage policies one after another; each sees the survivors of the last.
+
+    ``retain`` is derived: the product of the children's. Children are never mutated.
+    """
+
+    policies: Sequence[Policy] = field(default_factory=tuple)
+    retain: float = field(init=False, default=1.0)
+
+    name: ClassVar[str] = "sequential"
+
+    def __post_init__(self) -> None:
+        self.policies = tuple(self.policies)
+        if not self.policies:
+            raise ValueError("Sequential needs at least one policy")
+        for i, child in enumerate(self.policies):
+            if not isinstance(child, Policy):
+                raise TypeError(f"Sequential takes Policy objects; item {i} is {type(child).__name__}")
+            if i > 0 and child.stage == "input" and not child.accepts_partial:
+                raise ValueError(
+                    f"policy {child.name!r} needs the full frame grid and cannot follow another policy; put it first"
+                )
+        self.retain = math.prod(p.retain for p in self.policies if p.stage == "input")
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset().union(*(p.needs for p in self.policies))
+
+    @property
+    def label(self) -> str:
+        return " -> ".join(p.label for p in self.policies)
+
+    def stages(self) -> list[Policy]:
+        return [s for p in self.policies for s in p.stages()]
+
+    def compress(self, tokens: TokenSet) -> Compression:
+        inputs = [p for p in self.policies if p.stage == "input"]
+        return chain_compress(inputs, tokens)
+
+
+def chain_compress(policies: Sequence[Policy], tokens: TokenSet) -> Compression:
+    """Run input-stage ``policies`` in order, each on what the previous one kept.
+
+    Merged values flow forward (a later policy sees them as features) and ``assign`` is composed, so
+    the result maps every original token to its final slot.
+    """
+    features = tokens.flat()
+    changed = False  # did any step write merged values?
+    current: TokenSet = tokens
+    result: Compression | None = None
+    assign: torch.Tensor | None = None  # original token -> slot in result.keep
+    for policy in policies:
+        step = policy(current)
+        if step.values is not None:
+            changed = True
+            features = features.clone()
+            features[step.keep] = step.values.to(features.dtype)
+        assign = _compose_assign(assign, result, step, tokens.num_tokens)
+        result = step
+        available = torch.zeros(tokens.num_tokens, dtype=torch.bool, device=features.device)
+        available[step.keep] = True
+        current = TokenSet(
+            features=features.reshape(tokens.features.shape),
+            grid=tokens.grid,
+            available=available.reshape(tokens.num_frames, tokens.tokens_per_frame),
+            signals=tokens.signals,
+            query=tokens.query,
+            layout=tokens.layout,
+            frames_per_step=tokens.frames_per_step,
+        )
+    assert result is not None
+    values = features[result.keep] if changed else None
+    return Compression(keep=result.keep, values=values, assign=assign, info=dict(result.info))
+
+
+def _compose_assign(
+    assign: torch.Tensor | None, previous: Compression | None, step: Compression, n: int
+) -> torch.Tensor | None:
+    """Compose token->slot maps of consecutive steps (None while nothing was merged)."""
+    if assign is None and step.assign is None:
+        return None
+    device = step.keep.device
+    # slot (in previous.keep order) -> flat index of the token carrying it
+    step_assign = step.assign
+    if step_assign is None:  # plain selection: kept tokens map to their own slot
+        step_assign = torch.full((n,), -1, dtype=torch.long, device=device)
+        step_assign[step.keep] = torch.arange(step.keep.numel(), device=device)
+    if assign is None:
+        if previous is None:
+            return step_assign
+        assign = torch.full((n,), -1, dtype=torch.long, device=device)
+        assign[previous.keep] = torch.arange(previous.keep.numel(), device=device)
+    assert previous is not None
+    carrier = previous.keep  # flat index of each previous slot
+    out = torch.full((n,), -1, dtype=torch.long, device=device)
+    alive = assign >= 0
+    out[alive] = step_assign[carrier[assign[alive]]]
+    return out

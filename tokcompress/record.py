@@ -1,0 +1,61 @@
+"""What the last compressed forward did, per batch row: the explicit per-call record users read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+
+@dataclass
+class VideoRecord:
+    """One video of one row.
+
+    Attributes:
+        positions: ``(T*h*w,)`` indices into the original LM input sequence of the video's grid tokens
+            (frame-major raster order), so ``positions[keep]`` are the survivors' positions.
+        grid: ``(T, h, w)``.
+        keep: ``(K,)`` flat grid indices that survive or carry a merged value (``Compression.keep``).
+        assign: ``(T*h*w,)`` output slot each grid token went into, ``-1`` dropped (merging policies), or None.
+        info: the policy's diagnostics (segments, clusters, ...).
+        seconds: time the policy took on this video.
+    """
+
+    positions: Tensor
+    grid: tuple[int, int, int]
+    keep: Tensor
+    assign: Tensor | None
+    info: dict[str, Any]
+    seconds: float
+
+
+@dataclass
+class RowRecord:
+    """One batch row of the last compressed prefill.
+
+    Attributes:
+        kept: sorted ``(K,)`` indices into the original LM input sequence of the video tokens that
+            survive (grid tokens and the special tokens the engine keeps).
+        values: ``(K, D)`` embeddings the LM received at ``kept`` when a policy merged tokens, else None.
+        video_tokens_before / video_tokens_after: placeholder tokens of this row before and after.
+        policy: label of the policy that ran.
+        seconds: time the policy itself took on this row's videos.
+        slots: ``(Lk,)`` for each position of the compacted sequence, the original index it came
+            from, ``-1`` for padding slots the engine added (outputs of a plain forward follow it).
+        position_ids: the position ids the LM received for the compacted row (``(Lk,)``, or
+            ``(3, Lk)`` for M-RoPE: the temporal/height/width rows).
+        videos: per-video details.
+        stages: per-stage records of in-layer policies (filled by layer stages), by stage label.
+    """
+
+    kept: Tensor
+    values: Tensor | None
+    video_tokens_before: int
+    video_tokens_after: int
+    policy: str
+    seconds: float
+    slots: Tensor
+    position_ids: Tensor | None
+    videos: list[VideoRecord] = field(default_factory=list)
+    stages: dict[str, Any] = field(default_factory=dict)

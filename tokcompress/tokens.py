@@ -1,0 +1,147 @@
+"""The model-agnostic token set a policy sees, and the compression it returns.
+
+A policy never touches a model: the engine cuts one video's visual tokens out of the language-model
+input, wraps them in a :class:`TokenSet`, and applies the :class:`Compression` the policy returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import PolicyOutputError
+
+
+@dataclass
+class TokenSet:
+    """The visual tokens of one video.
+
+    Attributes:
+        features: ``(T, n, D)`` tokens in the language model's embedding space (projector output),
+            frame-major, each frame in raster order over its ``h x w`` grid (``n = h * w``). Tokens
+            the model adds around the grid (a trailing newline, a per-frame CLS) are not included.
+        grid: ``(T, h, w)``. For Qwen-VL models ``T`` counts temporal patches (``frames_per_step``
+            input frames each).
+        available: ``(T, n)`` bool of the tokens still present when the policy runs after another
+            one in a chain; ``None`` means all are present.
+        signals: optional extra inputs, by name: ``"pixels"`` ``(F, C, H, W)`` raw frames,
+            ``"vision_attention"`` ``(T, n)``, ``"frame_features"`` ``(T, D')``, ...
+        query: ``(Q, D)`` embeddings of the prompt text that follows the video (the question), or ``None``.
+        layout: model family the tokens come from (``"llava_onevision"``, ``"qwen2_5_vl"``, ...,
+            ``"generic"``), for policies whose reference defaults differ per model.
+        frames_per_step: input frames per temporal step of ``grid`` (2 for Qwen-VL, else 1).
+    """
+
+    features: Tensor
+    grid: tuple[int, int, int]
+    available: Tensor | None = None
+    signals: dict[str, Tensor] = field(default_factory=dict)
+    query: Tensor | None = None
+    layout: str = "generic"
+    frames_per_step: int = 1
+
+    def __post_init__(self) -> None:
+        t, h, w = (int(v) for v in self.grid)
+        self.grid = (t, h, w)
+        if self.features.dim() == 4:  # accept (T, h, w, D) for convenience
+            self.features = self.features.reshape(t, h * w, self.features.shape[-1])
+        if self.features.dim() != 3 or tuple(self.features.shape[:2]) != (t, h * w):
+            raise ValueError(
+                f"features must have shape (T, h*w, D) = ({t}, {h * w}, D) for grid {self.grid}; "
+                f"got {tuple(self.features.shape)}"
+            )
+        if self.available is not None and tuple(self.available.shape) != (t, h * w):
+            raise ValueError(f"available must have shape (T, n) = ({t}, {h * w}); got {tuple(self.available.shape)}")
+
+    @property
+    def num_frames(self) -> int:
+        return self.grid[0]
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[1] * self.grid[2]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the full grid, ``T * h * w``."""
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def num_available(self) -> int:
+        return self.num_tokens if self.available is None else int(self.available.sum())
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[-1]
+
+    def flat(self) -> Tensor:
+        """``(T * n, D)`` view of the features, flat index ``t * n + y * w + x``."""
+        return self.features.reshape(-1, self.dim)
+
+    def grid_features(self) -> Tensor:
+        """``(T, h, w, D)`` view of the features."""
+        t, h, w = self.grid
+        return self.features.reshape(t, h, w, self.dim)
+
+    def available_index(self) -> Tensor:
+        """Sorted flat indices of the available tokens."""
+        if self.available is None:
+            return torch.arange(self.num_tokens, device=self.features.device)
+        return self.available.reshape(-1).nonzero().squeeze(1)
+
+    def require_full(self, policy: str) -> None:
+        """Raise if some tokens were already removed: for policies that need every grid cell."""
+        if self.available is not None and not bool(self.available.all()):
+            raise ValueError(
+                f"policy {policy!r} needs the full frame grid, but an earlier policy in the chain removed tokens; "
+                f"put {policy!r} first in the chain"
+            )
+
+
+@dataclass
+class Compression:
+    """What a policy keeps of a :class:`TokenSet`.
+
+    Attributes:
+        keep: ``(K,)`` int64, sorted and unique flat indices (``t * n + i``) of the tokens that survive
+            or that carry a merged value; each output token takes that token's position.
+        values: ``(K, D)`` embeddings written at ``keep`` (merging policies), or ``None`` when the
+            kept tokens keep their own embeddings (selection).
+        assign: ``(T * n,)`` int64, for each input token the output slot (index into ``keep``) it went
+            into, ``-1`` when it was dropped; ``None`` for plain selection.
+        info: policy diagnostics for people and plots, e.g. ``{"segments": [(0, 5), (5, 12)]}``.
+    """
+
+    keep: Tensor
+    values: Tensor | None = None
+    assign: Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, tokens: TokenSet, policy: str) -> None:
+        """Raise :class:`PolicyOutputError` unless this is a valid compression of ``tokens``."""
+        keep = self.keep
+        where = f"policy {policy!r} returned"
+        if keep.dim() != 1 or keep.dtype != torch.long:
+            raise PolicyOutputError(f"{where} keep of dtype {keep.dtype} and shape {tuple(keep.shape)}; expected (K,) int64")
+        if keep.numel() == 0:
+            raise PolicyOutputError(f"{where} no tokens; every policy must keep at least one token per video")
+        if keep.numel() > 1 and not bool((keep[1:] > keep[:-1]).all()):
+            raise PolicyOutputError(f"{where} keep indices that are not sorted and unique")
+        if int(keep[0]) < 0 or int(keep[-1]) >= tokens.num_tokens:
+            raise PolicyOutputError(f"{where} keep indices outside [0, {tokens.num_tokens})")
+        if tokens.available is not None and not bool(tokens.available.reshape(-1)[keep].all()):
+            raise PolicyOutputError(f"{where} tokens that an earlier policy in the chain had already removed")
+        if self.values is not None and tuple(self.values.shape) != (keep.numel(), tokens.dim):
+            raise PolicyOutputError(
+                f"{where} values of shape {tuple(self.values.shape)}; expected ({keep.numel()}, {tokens.dim})"
+            )
+        if self.assign is not None and tuple(self.assign.shape) != (tokens.num_tokens,):
+            raise PolicyOutputError(f"{where} assign of shape {tuple(self.assign.shape)}; expected ({tokens.num_tokens},)")
+
+
+def selection(keep: Tensor, info: dict[str, Any] | None = None) -> Compression:
+    """A compression that keeps ``keep`` unchanged (indices are sorted here)."""
+    return Compression(keep=torch.sort(keep.long()).values, info=info or {})
