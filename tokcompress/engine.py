@@ -246,7 +246,13 @@ class Session:
             )
         position_ids = kwargs.get("position_ids")
         call.position_ids = position_ids
-        spans = self.adapter.spans(self.model, call)
+        try:
+            spans = self.adapter.spans(self.model, call)
+        except RuntimeError as err:
+            raise UnsupportedUsageError(
+                f"could not locate the videos of this call: {err}. If generate ran with prefill_chunk_size "
+                "(chunked prefill), a video is split across calls, which tokcompress does not support."
+            ) from err
         if not spans:
             return dict(kwargs)
         valid = mask.bool() if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
