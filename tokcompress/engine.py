@@ -45,6 +45,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _stamp(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device has finished the work queued so far."""
+    _sync(device)
+    return time.perf_counter()
+
+
 def _cache_arg(kwargs: dict[str, Any]) -> Cache | None:
     cache = kwargs.get("cache")
     return kwargs.get("past_key_values") if cache is None else cache
@@ -89,6 +95,7 @@ class Session:
         self.call: CallContext | None = None
         self.caches: weakref.WeakKeyDictionary[Cache, CacheState] = weakref.WeakKeyDictionary()
         self.record: list[RowRecord] | None = None
+        self._inner_start: float | None = None  # clock stamp of the current prefill call (see RowRecord.clock)
         self._stack = ExitStack()
         try:
             self._install(frozenset(policy.needs))
@@ -146,6 +153,7 @@ class Session:
         if any(kwargs.get(k) is not None for k in ("pixel_values_videos", "pixel_values", "pixel_values_images")):
             self.captured.clear()  # the vision tower is about to run for this call
         target = self._placeholder_mask(input_ids, embeds)
+        self._inner_start = _stamp(target.device)
         self.call = CallContext(
             target=target,
             input_ids=input_ids,
@@ -190,10 +198,17 @@ class Session:
         if call is None or not bool(call.target.any()):
             self.captured.clear()
             return None
+        hook_start = _stamp(call.target.device)
+        previous = self.record
         try:
-            return args, self._prefill(module, kwargs, cache, call)
+            out = self._prefill(module, kwargs, cache, call)
         finally:
             self.captured.clear()
+        if self.record is not None and self.record is not previous:
+            clock = {"inner_start": self._inner_start, "lm_hook_start": hook_start, "lm_start": _stamp(call.target.device)}
+            for row in self.record:
+                row.clock = dict(clock)
+        return args, out
 
     def _continue(self, kwargs: dict, cache: Cache, state: CacheState) -> dict:
         """A step after a compressed prefill: map the logical 2-D mask to the physical cache."""

@@ -47,6 +47,11 @@ class RowRecord:
             ``(3, Lk)`` for M-RoPE: the temporal/height/width rows).
         videos: per-video details.
         stages: per-stage records of in-layer policies (filled by layer stages), by stage label.
+        clock: ``time.perf_counter()`` stamps of this prefill, each read after a device sync:
+            ``"inner_start"`` when the multimodal model's forward began (under ``generate`` the media
+            are already encoded by then), ``"lm_hook_start"`` when the language model's pre-hook began,
+            ``"lm_start"`` when the compacted inputs were handed to the language model. The same for
+            every row; benchmarks split time-to-first-token with them.
     """
 
     kept: Tensor
@@ -59,3 +64,4 @@ class RowRecord:
     position_ids: Tensor | None
     videos: list[VideoRecord] = field(default_factory=list)
     stages: dict[str, Any] = field(default_factory=dict)
+    clock: dict[str, float] = field(default_factory=dict)

@@ -32,7 +32,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
-__all__ = ["FAMILIES", "BENCHMARK_SHAPE", "DEFAULT_FPS", "build", "family_of", "make_inputs"]
+__all__ = ["FAMILIES", "BENCHMARK_SHAPE", "DEFAULT_FPS", "build", "build_config", "family_of", "make_inputs"]
 
 FAMILIES: tuple[str, ...] = (
     "llava_onevision",
@@ -799,6 +799,13 @@ def family_of(obj: Any) -> str:
     raise ValueError(f"not a known video-LLM family: {name}")
 
 
+def build_config(family: str, **overrides: Any) -> tuple[Any, ProcessorMixin]:
+    """``(config, processor)`` that :func:`build` uses, without building the model (same overrides)."""
+    if family not in _BUILDERS:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    return _BUILDERS[family](_resolve_sizes(family, overrides))
+
+
 def build(
     family: str, *, attn_implementation: str = "sdpa", seed: int = 0, **overrides: Any
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -841,10 +848,7 @@ def build(
     """
     import transformers
 
-    if family not in _BUILDERS:
-        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
-    sizes = _resolve_sizes(family, overrides)
-    config, processor = _BUILDERS[family](sizes)
+    config, processor = build_config(family, **overrides)
     model_cls = getattr(transformers, _MODEL_CLASSES[family])
     # Weight init draws from torch's CPU generator only; fork it so callers' RNG state is untouched.
     with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,445 @@
+"""Time to first token, prefill FLOPs and memory for every registered policy x retain ratio.
+
+    python -m benchmarks.ttft                                   # offline default, ~2 min on 2 CPU cores
+    python -m benchmarks.ttft --shape llava-onevision-qwen2-7b --device cuda
+    python -m benchmarks.ttft --model llava-hf/llava-onevision-qwen2-7b-ov-hf --video clip.mp4
+
+Models: with no argument, a LLaVA-OneVision-shaped model with random weights (LM hidden 256, 8
+layers; 32 frames x 196 tokens); ``--shape NAME`` the real architecture of a checkpoint with random
+weights (``benchmarks/shapes/NAME.json``: timings do not depend on weight values); ``--model ID`` a
+real checkpoint (loaded with :func:`tokcompress.hf.load_pretrained`).
+
+What is timed (also written into every output):
+
+* ``decode`` and ``preprocess``: reading the video with PyAV (uniform frames), then the processor
+  (resize, normalise, tokenise). The same for every policy; reported once.
+* ``TTFT``: wall time of ``model.generate(**inputs, max_new_tokens=1, do_sample=False)`` on processed
+  inputs already on the device, after warm-up runs; median and p90 of the repeats. On CUDA the
+  device is synchronised around each call and the time comes from CUDA events.
+* The split of each TTFT, from stamps the engine takes after device syncs
+  (:mod:`tokcompress.timing`): ``vision`` (generate's setup, vision tower, projector), ``embed``
+  (the model's own text embedding and feature scatter), ``policy``, ``engine`` (tokcompress's hook
+  work around the policy), ``prefill`` (language model on the kept tokens, LM head, first token).
+  The unwrapped model has no stamps: only its total is measured.
+* ``LM ratio``: (policy + engine + prefill) of a row over the prefill of ``none`` (all tokens).
+  ``FLOPs ratio``: analytic prefill FLOPs (:mod:`tokcompress.flops`, causal attention, per layer
+  for the lengths each layer really saw) over the uncompressed prefill's. The FLOPs ratio is the
+  physical limit of the LM ratio; ``gap`` = LM ratio / FLOPs ratio (1.0 = no overhead at all).
+* ``peak memory``: tensor memory allocated during one extra (untimed) call above what was allocated
+  before it (CUDA: ``max_memory_allocated``; CPU: the torch profiler's allocation events, a lower
+  bound). ``KV cache``: bytes of the keys and values in the cache that call returned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import dataclasses
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks import common
+
+WHAT_WAS_TIMED = (__doc__ or "").split("What is timed (also written into every output):", 1)[-1].strip()
+DEFAULT_RETAIN = (0.5, 0.25, 0.1)
+GOAL_RETAIN = 0.1
+GOAL_GAP = 1.1
+
+
+# --------------------------------------------------------------------------- model and inputs
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """``(model, processor, description)`` for the chosen way of getting a model."""
+    from tokcompress.tiny import BENCHMARK_SHAPE, build
+
+    dtype = _dtype(args)
+    if args.model:
+        from tokcompress.hf import load_pretrained
+
+        model, processor = load_pretrained(args.model, device=args.device, dtype=dtype, attn_implementation=args.attn)
+        frames = args.frames or 32
+        return model, processor, {"kind": "checkpoint", "model": args.model, "frames": frames, "video_size": 384}
+    if args.shape:
+        spec = common.load_shape(args.shape)
+        if args.frames:
+            spec["video"]["frames"] = args.frames
+        model, processor = common.build_shape(spec, device=args.device, dtype=dtype, attn=args.attn)
+        return model, processor, {
+            "kind": "shape",
+            "shape": spec["name"],
+            "checkpoint": spec.get("checkpoint"),
+            "note": spec.get("note"),
+            "frames": spec["video"]["frames"],
+            "video_size": spec["video"]["size"],
+        }
+    shape = dict(BENCHMARK_SHAPE)
+    if args.frames:
+        shape["frames"] = args.frames
+    model, processor = build("llava_onevision", attn_implementation=args.attn, **shape)
+    model.to(device=args.device, dtype=dtype)
+    return model, processor, {
+        "kind": "default",
+        "shape": "tokcompress.tiny.BENCHMARK_SHAPE (LLaVA-OneVision layout, random weights)",
+        "overrides": shape,
+        "frames": shape["frames"],
+        "video_size": shape["image_size"],
+    }
+
+
+def _dtype(args: argparse.Namespace) -> torch.dtype:
+    if args.dtype == "auto":
+        return torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
+    return getattr(torch, args.dtype)
+
+
+def _video_path(args: argparse.Namespace, frames: int, size: int, folder: str) -> str:
+    if args.video:
+        return args.video
+    from tokcompress.video import synthetic_video, write_video
+
+    size += size % 2  # yuv420p needs even sizes
+    path = os.path.join(folder, "synthetic.mp4")
+    write_video(path, synthetic_video(num_frames=2 * frames, height=size, width=size, seed=0), fps=8)
+    return path
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _lengths_and_flops(model: Any, record: Any, prompt_length: int) -> tuple[list[int], dict[str, Any]]:
+    from tokcompress.flops import LMShape, layer_lengths, prefill_flops
+
+    shape = LMShape.from_config(model.config)
+    lengths = layer_lengths(record[0] if record else None, prompt_length, shape.num_layers)
+    return lengths, prefill_flops(shape, lengths)
+
+
+def _measure(model: Any, inputs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """TTFT (and parts), memory, KV bytes, token counts and FLOPs of the model as it is now."""
+    import tokcompress as tc
+    from tokcompress.timing import cache_bytes, peak_memory, ttft_split
+
+    total, parts = ttft_split(model, inputs, repeats=args.repeats, warmup=args.warmup)
+    out: dict[str, Any] = {"ttft": total.as_dict(), "parts": {k: v.as_dict() for k, v in parts.items()}}
+    if parts:
+        lm = [p + e + f for p, e, f in zip(parts["policy"].seconds, parts["engine"].seconds, parts["prefill"].seconds)]
+        out["lm_s"] = statistics.median(lm)
+
+    def call() -> Any:
+        with torch.no_grad():
+            return model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+
+    if args.memory:
+        peak, result = peak_memory(call, model.device)
+        out["peak_memory_bytes"] = peak
+    else:
+        result = call()
+    out["kv_cache_bytes"] = cache_bytes(result.cache)
+    record = tc.last_record(model) if tc.is_wrapped(model) else None
+    prompt_length = int(inputs["input_ids"].shape[1])
+    lengths, flops = _lengths_and_flops(model, record, prompt_length)
+    out.update(
+        prompt_length=prompt_length,
+        layer_lengths=lengths,
+        flops=flops,
+        video_tokens_before=sum(r.video_tokens_before for r in record) if record else None,
+        video_tokens_after=sum(r.video_tokens_after for r in record) if record else None,
+    )
+    return out
+
+
+def _policy_runs(model: Any, inputs: dict[str, Any], args: argparse.Namespace, names: Sequence[str]) -> list[dict[str, Any]]:
+    import tokcompress as tc
+
+    retains = [float(r) for r in args.retain.split(",")] if args.retain else list(DEFAULT_RETAIN)
+    jobs: list[tuple[str, float | None]] = [("unwrapped", None)]
+    for name in names:
+        jobs += [(name, None)] if name == "none" else [(name, r) for r in retains]
+    runs = []
+    progress = _progress(len(jobs))
+    for name, retain in jobs:
+        row: dict[str, Any] = {"policy": name, "retain": 1.0 if retain is None else retain}
+        params = {} if name in ("unwrapped", "none") else dict(common.POLICY_PARAMS.get(name, {}))
+        row["params"] = params
+        start = time.perf_counter()
+        try:
+            if name == "unwrapped":
+                row["label"] = "unwrapped model"
+                row.update(_measure(model, inputs, args))
+            else:
+                with tc.compressed(model, name, retain, **params) as wrapped:
+                    row["label"] = tc.policy_of(wrapped).label
+                    row.update(_measure(wrapped, inputs, args))
+        except Exception as err:  # one broken policy must not hide the others' numbers
+            row["error"] = f"{type(err).__name__}: {err}"
+            row["traceback"] = traceback.format_exc(limit=6)
+        row["bench_seconds"] = time.perf_counter() - start
+        runs.append(row)
+        progress(f"{row.get('label', name)}" + (f"  ERROR {row['error']}" if "error" in row else ""))
+    return runs
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="ttft", unit="run", file=sys.stderr)
+
+        def step(text: str) -> None:
+            bar.set_postfix_str(text[:60])
+            bar.update(1)
+            if bar.n == total:
+                bar.close()
+
+        return step
+    except ImportError:  # pragma: no cover
+        return lambda text: print(text, file=sys.stderr)
+
+
+def derive(runs: list[dict[str, Any]]) -> None:
+    """Speedups and ratios of every row against the unwrapped model and ``none``."""
+    by_name = {r["policy"]: r for r in runs if "error" not in r and r["policy"] in ("unwrapped", "none")}
+    base = by_name.get("unwrapped")
+    none = by_name.get("none")
+    full_flops = (base or none or {}).get("flops", {}).get("total")
+    full_prefill = none["parts"]["prefill"]["median_s"] if none and none.get("parts") else None
+    for r in runs:
+        if "error" in r:
+            continue
+        if base:
+            r["ttft_speedup"] = base["ttft"]["median_s"] / r["ttft"]["median_s"]
+        if full_flops:
+            r["flops_ratio"] = r["flops"]["total"] / full_flops
+        if full_prefill and r.get("lm_s") is not None:
+            r["lm_ratio"] = r["lm_s"] / full_prefill
+            r["lm_speedup"] = full_prefill / r["lm_s"]
+            if r.get("flops_ratio"):
+                r["gap"] = r["lm_ratio"] / r["flops_ratio"]
+            saved = full_prefill - r["parts"]["prefill"]["median_s"]
+            overhead = r["parts"]["policy"]["median_s"] + r["parts"]["engine"]["median_s"]
+            r["overhead_share"] = overhead / saved if saved > 0 else None
+        if r.get("video_tokens_before"):
+            r["retained_fraction"] = r["video_tokens_after"] / r["video_tokens_before"]
+        if r["policy"] not in ("unwrapped", "none") and math.isclose(r["retain"], GOAL_RETAIN) and "gap" in r:
+            r["meets_goal"] = r["gap"] <= GOAL_GAP
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _ms(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds * 1000:.0f}" if seconds >= 0.1 else f"{seconds * 1000:.1f}"
+
+
+def _mb(value: int | None) -> str:
+    return "–" if value is None else f"{value / 2**20:.1f}"
+
+
+def _x(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results table (Markdown) with what was timed and on what."""
+    cfg, mach = result["config"], result["machine"]
+    device = mach.get("gpu") or f"{mach['cpu']} ({mach['cpu_cores']} cores, {mach['torch_threads']} torch threads)"
+    model = cfg.get("shape") or cfg.get("model")
+    lines = [
+        f"Model: {model}; {cfg['frames']} frames, prompt {cfg['prompt_length']} tokens ({cfg['video_tokens']} video), "
+        f"{cfg['dtype']}, attention {cfg['attn']}. Device: {device}. "
+        f"TTFT = median of {cfg['repeats']} runs of `generate(max_new_tokens=1)` after {cfg['warmup']} warm-up; "
+        f"decode {_ms(result['decode']['median_s'])} ms + preprocess {_ms(result['preprocess']['median_s'])} ms come before it "
+        "(same for every row).",
+        "",
+        "| policy | retain | video tokens | TTFT ms (p90) | TTFT speedup | vision | policy | engine | prefill | "
+        "LM ratio | FLOPs ratio | gap | KV MiB | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['policy']} | {r['retain']:g} | error: {r['error'][:80]} |" + " |" * 11)
+            continue
+        parts = r.get("parts") or {}
+        med = {k: v["median_s"] for k, v in parts.items()}
+        tokens = "–" if r.get("video_tokens_before") is None else f"{r['video_tokens_after']}/{r['video_tokens_before']}"
+        gap = _x(r.get("gap"))
+        if "meets_goal" in r:
+            gap += " ✓" if r["meets_goal"] else " ✗"
+        lines.append(
+            f"| {r['policy']} | {r['retain']:g} | {tokens} | {_ms(r['ttft']['median_s'])} ({_ms(r['ttft']['p90_s'])}) | "
+            f"{_x(r.get('ttft_speedup'))}x | {_ms(med.get('vision'))} | {_ms(med.get('policy'))} | {_ms(med.get('engine'))} | "
+            f"{_ms(med.get('prefill'))} | {_x(r.get('lm_ratio'), 3)} | {_x(r.get('flops_ratio'), 3)} | {gap} | "
+            f"{_mb(r.get('kv_cache_bytes'))} | {_mb(r.get('peak_memory_bytes'))} |"
+        )
+    lines += [
+        "",
+        "Times in ms (medians). LM ratio = (policy + engine + prefill) / prefill of `none`; FLOPs ratio = analytic "
+        "prefill FLOPs / uncompressed; gap = LM ratio / FLOPs ratio "
+        f"(goal at retain {GOAL_RETAIN:g}: gap ≤ {GOAL_GAP}, ✓/✗).",
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """Pareto plot: TTFT speedup and LM-prefill speedup vs retained video tokens, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["runs"] if "error" not in r and r["policy"] not in ("unwrapped", "none")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in sorted({r["policy"] for r in rows}):
+        mine = sorted((r for r in rows if r["policy"] == name), key=lambda r: r.get("retained_fraction", r["retain"]))
+        xs = [r.get("retained_fraction", r["retain"]) for r in mine]
+        axes[0].plot(xs, [r.get("ttft_speedup", float("nan")) for r in mine], marker="o", label=name)
+        axes[1].plot(xs, [r.get("lm_speedup", float("nan")) for r in mine], marker="o", label=name)
+    bound = sorted((r.get("retained_fraction", r["retain"]), 1 / r["flops_ratio"]) for r in rows if r.get("flops_ratio"))
+    if bound:
+        axes[1].plot(*zip(*bound), "k--", lw=1, label="FLOPs limit")
+    model = result["config"].get("shape") or result["config"].get("model")
+    for ax, title in zip(axes, ("TTFT speedup vs unwrapped", "LM prefill speedup vs none (incl. policy)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("retained video tokens (fraction)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("speedup (x)")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{model} — {result['machine'].get('gpu') or result['machine']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from tokcompress.flops import LMShape
+    from tokcompress.hf import prepare_inputs, read_clip
+    from tokcompress.timing import time_call
+
+    if args.model and args.shape:
+        raise SystemExit("choose one of --model and --shape")
+    if args.video and not args.model:
+        raise SystemExit("--video goes with --model (the default and --shape use a synthetic video)")
+    names = common.policies(args.policies)
+    torch.manual_seed(0)
+    model, processor, desc = _setup(args)
+    with tempfile.TemporaryDirectory() as folder:
+        path = _video_path(args, desc["frames"], desc["video_size"], folder)
+        frames = desc["frames"]
+        decode = time_call(lambda: read_clip(path, max_frames=frames), repeats=args.repeats, warmup=1)
+        clip = read_clip(path, max_frames=frames)
+        preprocess = time_call(lambda: prepare_inputs(processor, [clip], [args.question]), repeats=args.repeats, warmup=1)
+    inputs = {
+        k: (v.to(args.device, model.dtype) if torch.is_floating_point(v) else v.to(args.device)) if torch.is_tensor(v) else v
+        for k, v in prepare_inputs(processor, [clip], [args.question]).items()
+    }
+
+    runs = _policy_runs(model, inputs, args, names)
+    derive(runs)
+    video_tokens = next((r["video_tokens_before"] for r in runs if r.get("video_tokens_before")), None)
+    result = {
+        "schema": "tokcompress.ttft/1",
+        "what_was_timed": WHAT_WAS_TIMED,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": common.machine(args.device),
+        "versions": common.versions(),
+        "config": {
+            **desc,
+            "question": args.question,
+            "dtype": str(model.dtype).replace("torch.", ""),
+            "attn": args.attn,
+            "device": args.device,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "prompt_length": int(inputs["input_ids"].shape[1]),
+            "video_tokens": video_tokens,
+            "policies": names,
+            "policy_params": {n: common.POLICY_PARAMS.get(n, {}) for n in names},
+            "lm": dataclasses.asdict(LMShape.from_config(model.config)),
+            "command": " ".join(["python -m benchmarks.ttft", *(argv if argv is not None else sys.argv[1:])]),
+        },
+        "decode": decode.as_dict(),
+        "preprocess": preprocess.as_dict(),
+        "runs": runs,
+    }
+    write_outputs(result, args.out, args.tag or _default_tag(args, desc))
+    return result
+
+
+def _default_tag(args: argparse.Namespace, desc: dict[str, Any]) -> str:
+    device = torch.device(args.device).type
+    what = desc.get("shape") if desc["kind"] == "shape" else desc.get("model") if desc["kind"] == "checkpoint" else "default"
+    return common.slug(f"{what}-{device}")
+
+
+def write_outputs(result: dict[str, Any], out: str | os.PathLike, tag: str) -> dict[str, Path]:
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"json": folder / f"ttft-{tag}.json", "md": folder / f"ttft-{tag}.md", "png": folder / f"ttft-{tag}.png"}
+    paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    paths["md"].write_text(markdown(result) + "\n")
+    try:
+        plot(result, paths["png"])
+    except ImportError as err:  # matplotlib is the [viz] extra
+        print(f"no plot ({err}); pip install tokcompress[viz]", file=sys.stderr)
+        paths.pop("png")
+    print(markdown(result))
+    for kind, path in paths.items():
+        print(f"{kind}: {path}", file=sys.stderr)
+    return paths
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.ttft",
+        description="TTFT, prefill FLOPs and memory of every registered policy x retain ratio.",
+        epilog=f"shipped shapes: {', '.join(common.shape_names())}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--shape", help="a real architecture with random weights: a name from benchmarks/shapes/ or a JSON path")
+    what.add_argument("--model", help="a Hugging Face model id or local folder (real weights)")
+    parser.add_argument("--video", help="video file for --model (default: a synthetic clip written with PyAV)")
+    parser.add_argument("--frames", type=int, help="frames sampled per video (default: the shape's, 32)")
+    parser.add_argument("--question", default="What is moving in this video, and where does it go?")
+    parser.add_argument("--policies", help="comma-separated policy names (default: every registered policy)")
+    parser.add_argument("--retain", help=f"comma-separated retain ratios (default: {','.join(map(str, DEFAULT_RETAIN))})")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory run")
+    parser.add_argument("--out", default=str(common.RESULTS_DIR), help="output folder (default: benchmarks/results)")
+    parser.add_argument("--tag", help="file name tag (default: from the model and device)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
