@@ -13,8 +13,13 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is not installed
+    sys.path.insert(0, str(ROOT))
 
 pytest.importorskip("lmms_eval")
 
@@ -165,3 +170,38 @@ def test_two_processes_shard_and_gather_to_the_single_process_results(env, unifo
         assert find_samples(out, task) == _responses(uniform_run, task)
     assert results["throughput"]["total_gen_tokens"] == 2 * 4 * len(tasks)  # gathered from both processes
     assert results["throughput"]["avg_video_tokens_after"] == TOKENS_AFTER_HALF
+
+
+def test_videoqa_sweep_appends_each_run_and_resumes(env, tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import videoqa
+
+    _, model_dir, tasks_dir = env
+    out = tmp_path / "sweep.jsonl"
+    argv = ["--model", str(model_dir), "--policies", "uniform,none", "--retain", "0.5", "--tasks", "tc_nextqa",
+            "--include-path", str(tasks_dir), "--max-frames", str(FRAMES), "--out", str(out)]  # fmt: skip
+    assert videoqa.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["policy"], r["retain"], r["task"]) for r in rows] == [("none", 1.0, "tc_nextqa"), ("uniform", 0.5, "tc_nextqa")]
+    assert [r["score"] for r in rows] == [EXPECTED["tc_nextqa"]] * 2
+    assert [r["video_tokens_after"] for r in rows] == [TOKENS_BEFORE, TOKENS_AFTER_HALF]
+    assert "| tc_nextqa | uniform | 0.5 | 65/129 | 0.75 | 100.0% |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").exists()
+
+    # a crash while writing the second run: only that run is redone
+    first, second = out.read_text().splitlines()
+    out.write_text(first + "\n" + second[:30])
+    ran = []
+    run_one = videoqa.run_one
+    monkeypatch.setattr(videoqa, "run_one", lambda *a: ran.append(a[2:5]) or run_one(*a))
+    assert videoqa.main(argv) == 0
+    assert ran == [("uniform", 0.5, "tc_nextqa")]
+    assert len(videoqa.load_done(out)) == 2
+
+    # nothing left to do: the model is not even loaded
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished sweep must not load the model")
+
+    monkeypatch.setattr("tokcompress.hf.load_pretrained", refuse)
+    assert videoqa.main(argv) == 0
