@@ -53,7 +53,8 @@ class Comparison(list):
         out: dict[str, Any] = {}
         for r in self:
             if r["input"] == input and r["row"] == row and (r["run"], input) in self.records:
-                out[r["label"]] = kept(self.records[(r["run"], input)], row=row, video=video, label=r["label"])
+                label = r["label"] if r["label"] not in out else f"{r['label']} [run {r['run']}]"
+                out[label] = kept(self.records[(r["run"], input)], row=row, video=video, label=label)
         return out
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
