@@ -376,9 +376,9 @@ def _plt() -> Any:
     return plt
 
 
-def _save(fig: Figure, path: str | os.PathLike | None, dpi: float | None = None) -> Figure:
+def _save(fig: Figure, path: str | os.PathLike | None) -> Figure:
     if path is not None:
-        fig.savefig(os.fspath(path), dpi=dpi or fig.dpi, format="png")
+        fig.savefig(os.fspath(path), dpi=fig.dpi, format="png")
     return fig
 
 
