@@ -4,6 +4,9 @@
     python -m benchmarks.ttft --shape llava-onevision-qwen2-7b --device cuda
     python -m benchmarks.ttft --model llava-hf/llava-onevision-qwen2-7b-ov-hf --video clip.mp4
 
+On a CPU that other jobs share, add ``--threads 1``: with more torch threads than free cores every
+small kernel waits for a descheduled thread and short sequences look several times slower.
+
 Models: with no argument, a LLaVA-OneVision-shaped model with random weights (LM hidden 256, 8
 layers; 32 frames x 196 tokens); ``--shape NAME`` the real architecture of a checkpoint with random
 weights (``benchmarks/shapes/NAME.json``: timings do not depend on weight values); ``--model ID`` a
@@ -14,8 +17,9 @@ What is timed (also written into every output):
 * ``decode`` and ``preprocess``: reading the video with PyAV (uniform frames), then the processor
   (resize, normalise, tokenise). The same for every policy; reported once.
 * ``TTFT``: wall time of ``model.generate(**inputs, max_new_tokens=1, do_sample=False)`` on processed
-  inputs already on the device, after warm-up runs; median and p90 of the repeats. On CUDA the
-  device is synchronised around each call and the time comes from CUDA events.
+  inputs already on the device, after warm-up runs (two untimed calls before the first row, then
+  ``--warmup`` per row); median and p90 of the repeats. On CUDA the device is synchronised around
+  each call and the time comes from CUDA events.
 * The split of each TTFT, from stamps the engine takes after device syncs
   (:mod:`tokcompress.timing`): ``vision`` (generate's setup, vision tower, projector), ``embed``
   (the model's own text embedding and feature scatter), ``policy``, ``engine`` (tokcompress's hook
@@ -25,6 +29,8 @@ What is timed (also written into every output):
   ``FLOPs ratio``: analytic prefill FLOPs (:mod:`tokcompress.flops`, causal attention, per layer
   for the lengths each layer really saw) over the uncompressed prefill's. The FLOPs ratio is the
   physical limit of the LM ratio; ``gap`` = LM ratio / FLOPs ratio (1.0 = no overhead at all).
+  ``bare LM ratio``: the language model called alone on random embeddings of the row's length, over
+  the same at full length: what the model itself costs at that length, with no tokcompress code.
 * ``peak memory``: tensor memory allocated during one extra (untimed) call above what was allocated
   before it (CUDA: ``max_memory_allocated``; CPU: the torch profiler's allocation events, a lower
   bound). ``KV cache``: bytes of the keys and values in the cache that call returned.
@@ -33,8 +39,8 @@ What is timed (also written into every output):
 from __future__ import annotations
 
 import argparse
-import json
 import dataclasses
+import json
 import math
 import os
 import statistics
@@ -48,9 +54,10 @@ from typing import Any, Sequence
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory profiler's start/stop chatter
+import torch  # noqa: E402
 
-from benchmarks import common
+from benchmarks import common  # noqa: E402
 
 WHAT_WAS_TIMED = (__doc__ or "").split("What is timed (also written into every output):", 1)[-1].strip()
 DEFAULT_RETAIN = (0.5, 0.25, 0.1)
@@ -127,7 +134,30 @@ def _lengths_and_flops(model: Any, record: Any, prompt_length: int) -> tuple[lis
     return lengths, prefill_flops(shape, lengths)
 
 
-def _measure(model: Any, inputs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def bare_lm_seconds(model: Any, length: int, args: argparse.Namespace, cache: dict[int, float]) -> float:
+    """Median time of the language model alone on ``length`` random embeddings (no hooks, no vision).
+
+    The reference for what the model itself costs at a length: a pruned prefill cannot beat the bare
+    model at its kept length, so ``bare ratio / FLOPs ratio`` is the part of the gap that is the
+    model's (short sequences use the hardware less well), not tokcompress's.
+    """
+    if length not in cache:
+        from tokcompress.adapters import adapter_for
+        from tokcompress.timing import time_call
+
+        lm = adapter_for(model).language_model(model)
+        width = model.config.get_text_config().hidden_size
+        x = torch.randn(1, length, width, device=model.device, dtype=model.dtype)
+
+        def call() -> None:
+            with torch.no_grad():
+                lm(inputs_embeds=x, use_cache=False)
+
+        cache[length] = time_call(call, repeats=args.repeats, warmup=1, device=model.device).median
+    return cache[length]
+
+
+def _measure(model: Any, inputs: dict[str, Any], args: argparse.Namespace, bare: dict[int, float]) -> dict[str, Any]:
     """TTFT (and parts), memory, KV bytes, token counts and FLOPs of the model as it is now."""
     import tokcompress as tc
     from tokcompress.timing import cache_bytes, peak_memory, ttft_split
@@ -158,6 +188,8 @@ def _measure(model: Any, inputs: dict[str, Any], args: argparse.Namespace) -> di
         video_tokens_before=sum(r.video_tokens_before for r in record) if record else None,
         video_tokens_after=sum(r.video_tokens_after for r in record) if record else None,
     )
+    if args.bare and len(set(lengths)) == 1:  # in-layer policies change the length mid-model: no bare reference
+        out["bare_lm_s"] = bare_lm_seconds(model, lengths[0], args, bare)
     return out
 
 
@@ -169,6 +201,10 @@ def _policy_runs(model: Any, inputs: dict[str, Any], args: argparse.Namespace, n
     for name in names:
         jobs += [(name, None)] if name == "none" else [(name, r) for r in retains]
     runs = []
+    bare: dict[int, float] = {}
+    with torch.no_grad():  # first calls are slower (allocator growth): keep them out of every row
+        for _ in range(2):
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
     progress = _progress(len(jobs))
     for name, retain in jobs:
         row: dict[str, Any] = {"policy": name, "retain": 1.0 if retain is None else retain}
@@ -178,11 +214,11 @@ def _policy_runs(model: Any, inputs: dict[str, Any], args: argparse.Namespace, n
         try:
             if name == "unwrapped":
                 row["label"] = "unwrapped model"
-                row.update(_measure(model, inputs, args))
+                row.update(_measure(model, inputs, args, bare))
             else:
                 with tc.compressed(model, name, retain, **params) as wrapped:
                     row["label"] = tc.policy_of(wrapped).label
-                    row.update(_measure(wrapped, inputs, args))
+                    row.update(_measure(wrapped, inputs, args, bare))
         except Exception as err:  # one broken policy must not hide the others' numbers
             row["error"] = f"{type(err).__name__}: {err}"
             row["traceback"] = traceback.format_exc(limit=6)
@@ -216,6 +252,7 @@ def derive(runs: list[dict[str, Any]]) -> None:
     none = by_name.get("none")
     full_flops = (base or none or {}).get("flops", {}).get("total")
     full_prefill = none["parts"]["prefill"]["median_s"] if none and none.get("parts") else None
+    full_bare = (base or none or {}).get("bare_lm_s")
     for r in runs:
         if "error" in r:
             continue
@@ -231,6 +268,8 @@ def derive(runs: list[dict[str, Any]]) -> None:
             saved = full_prefill - r["parts"]["prefill"]["median_s"]
             overhead = r["parts"]["policy"]["median_s"] + r["parts"]["engine"]["median_s"]
             r["overhead_share"] = overhead / saved if saved > 0 else None
+        if full_bare and r.get("bare_lm_s") is not None:
+            r["bare_ratio"] = r["bare_lm_s"] / full_bare
         if r.get("video_tokens_before"):
             r["retained_fraction"] = r["video_tokens_after"] / r["video_tokens_before"]
         if r["policy"] not in ("unwrapped", "none") and math.isclose(r["retain"], GOAL_RETAIN) and "gap" in r:
@@ -265,12 +304,12 @@ def markdown(result: dict[str, Any]) -> str:
         "(same for every row).",
         "",
         "| policy | retain | video tokens | TTFT ms (p90) | TTFT speedup | vision | policy | engine | prefill | "
-        "LM ratio | FLOPs ratio | gap | KV MiB | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "LM ratio | bare LM ratio | FLOPs ratio | gap | KV MiB | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         if "error" in r:
-            lines.append(f"| {r['policy']} | {r['retain']:g} | error: {r['error'][:80]} |" + " |" * 11)
+            lines.append(f"| {r['policy']} | {r['retain']:g} | error: {r['error'][:80]} |" + " |" * 12)
             continue
         parts = r.get("parts") or {}
         med = {k: v["median_s"] for k, v in parts.items()}
@@ -281,14 +320,17 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['policy']} | {r['retain']:g} | {tokens} | {_ms(r['ttft']['median_s'])} ({_ms(r['ttft']['p90_s'])}) | "
             f"{_x(r.get('ttft_speedup'))}x | {_ms(med.get('vision'))} | {_ms(med.get('policy'))} | {_ms(med.get('engine'))} | "
-            f"{_ms(med.get('prefill'))} | {_x(r.get('lm_ratio'), 3)} | {_x(r.get('flops_ratio'), 3)} | {gap} | "
+            f"{_ms(med.get('prefill'))} | {_x(r.get('lm_ratio'), 3)} | {_x(r.get('bare_ratio'), 3)} | "
+            f"{_x(r.get('flops_ratio'), 3)} | {gap} | "
             f"{_mb(r.get('kv_cache_bytes'))} | {_mb(r.get('peak_memory_bytes'))} |"
         )
     lines += [
         "",
-        "Times in ms (medians). LM ratio = (policy + engine + prefill) / prefill of `none`; FLOPs ratio = analytic "
-        "prefill FLOPs / uncompressed; gap = LM ratio / FLOPs ratio "
-        f"(goal at retain {GOAL_RETAIN:g}: gap ≤ {GOAL_GAP}, ✓/✗).",
+        "Times in ms (medians). LM ratio = (policy + engine + prefill) / prefill of `none`; bare LM ratio = the "
+        "language model alone on random embeddings of the kept length / of the full length (what the model itself "
+        "costs, no tokcompress); FLOPs ratio = analytic prefill FLOPs / uncompressed; gap = LM ratio / FLOPs ratio "
+        f"(goal at retain {GOAL_RETAIN:g}: gap ≤ {GOAL_GAP}, ✓/✗). LM ratio above bare LM ratio is tokcompress's "
+        "overhead; bare LM ratio above FLOPs ratio is the model running short sequences less efficiently.",
     ]
     return "\n".join(lines)
 
@@ -431,6 +473,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory run")
+    parser.add_argument("--no-bare", dest="bare", action="store_false", help="skip timing the bare language model")
     parser.add_argument("--out", default=str(common.RESULTS_DIR), help="output folder (default: benchmarks/results)")
     parser.add_argument("--tag", help="file name tag (default: from the model and device)")
     return parser.parse_args(argv)

@@ -50,7 +50,7 @@ def ttft_run(tmp_path_factory, monkeypatch_module):
     out = tmp_path_factory.mktemp("ttft")
     # a broken parameter for one policy: its row must carry the error, the others their numbers
     monkeypatch_module.setitem(common.POLICY_PARAMS, "pool", {"no_such_parameter": 1})
-    argv = ["--frames", "2", "--policies", "uniform,none,pool", "--retain", "0.5", "--repeats", "2", "--warmup", "0",
+    argv = ["--frames", "2", "--policies", "uniform,none,pool", "--retain", "0.5", "--repeats", "1", "--warmup", "0",
             "--out", str(out), "--tag", "default-cpu"]  # fmt: skip
     result = ttft.run(argv)
     return result, out
@@ -79,7 +79,8 @@ def test_ttft_benchmark_rows_ratios_and_files(ttft_run):
     assert uniform["kv_cache_bytes"] < none["kv_cache_bytes"] == base["kv_cache_bytes"]
     assert uniform["peak_memory_bytes"] > 0
     assert set(uniform["parts"]) == {"vision", "embed", "policy", "engine", "prefill"} and base["parts"] == {}
-    for key in ("ttft_speedup", "lm_ratio", "gap", "overhead_share"):
+    assert none["bare_lm_s"] == base["bare_lm_s"]  # one bare timing per length
+    for key in ("ttft_speedup", "lm_ratio", "bare_ratio", "gap", "overhead_share"):
         assert key in uniform
     assert result["machine"]["cpu"] and result["versions"]["torch"]
     assert "max_new_tokens=1" in result["what_was_timed"]
