@@ -18,8 +18,9 @@ What is timed (also written into every output):
   (resize, normalise, tokenise). The same for every policy; reported once.
 * ``TTFT``: wall time of ``model.generate(**inputs, max_new_tokens=1, do_sample=False)`` on processed
   inputs already on the device, after warm-up runs (two untimed calls before the first row, then
-  ``--warmup`` per row); median and p90 of the repeats. On CUDA the device is synchronised around
-  each call and the time comes from CUDA events.
+  ``--warmup`` per row); median and p90 of the repeats, which are interleaved over the rows (repeat
+  1 of every row, then repeat 2, ...) so that a drift in machine speed hits every row alike. On
+  CUDA the device is synchronised around each call and the time comes from CUDA events.
 * The split of each TTFT, from stamps the engine takes after device syncs
   (:mod:`tokcompress.timing`): ``vision`` (generate's setup, vision tower, projector), ``embed``
   (the model's own text embedding and feature scatter), ``policy``, ``engine`` (tokcompress's hook
@@ -39,6 +40,7 @@ What is timed (also written into every output):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -49,12 +51,11 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory profiler's start/stop chatter
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
@@ -157,21 +158,18 @@ def bare_lm_seconds(model: Any, length: int, args: argparse.Namespace, cache: di
     return cache[length]
 
 
-def _measure(model: Any, inputs: dict[str, Any], args: argparse.Namespace, bare: dict[int, float]) -> dict[str, Any]:
-    """TTFT (and parts), memory, KV bytes, token counts and FLOPs of the model as it is now."""
+def _profile(model: Any, inputs: dict[str, Any], args: argparse.Namespace, bare: dict[int, float]) -> dict[str, Any]:
+    """One row's untimed facts: memory, KV bytes, kept tokens, per-layer lengths, FLOPs, bare LM time."""
     import tokcompress as tc
-    from tokcompress.timing import cache_bytes, peak_memory, ttft_split
-
-    total, parts = ttft_split(model, inputs, repeats=args.repeats, warmup=args.warmup)
-    out: dict[str, Any] = {"ttft": total.as_dict(), "parts": {k: v.as_dict() for k, v in parts.items()}}
-    if parts:
-        lm = [p + e + f for p, e, f in zip(parts["policy"].seconds, parts["engine"].seconds, parts["prefill"].seconds)]
-        out["lm_s"] = statistics.median(lm)
+    from tokcompress.timing import cache_bytes, peak_memory
 
     def call() -> Any:
         with torch.no_grad():
             return model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
 
+    for _ in range(args.warmup):
+        call()
+    out: dict[str, Any] = {}
     if args.memory:
         peak, result = peak_memory(call, model.device)
         out["peak_memory_bytes"] = peak
@@ -193,39 +191,79 @@ def _measure(model: Any, inputs: dict[str, Any], args: argparse.Namespace, bare:
     return out
 
 
-def _policy_runs(model: Any, inputs: dict[str, Any], args: argparse.Namespace, names: Sequence[str]) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def _as_row(model: Any, row: dict[str, Any]) -> Iterator[Any]:
+    """The model as ``row`` runs it: unwrapped, or wrapped with the row's policy for the block."""
     import tokcompress as tc
 
+    if row["policy"] == "unwrapped":
+        yield model
+    else:
+        with tc.compressed(model, row["policy"], None if row["policy"] == "none" else row["retain"], **row["params"]) as wrapped:
+            yield wrapped
+
+
+def _policy_runs(model: Any, inputs: dict[str, Any], args: argparse.Namespace, names: Sequence[str]) -> list[dict[str, Any]]:
+    """Every row: first its untimed facts, then the timed repeats, interleaved over the rows.
+
+    Interleaving (repeat 1 of every row, then repeat 2, ...) makes a drift in machine speed (other
+    jobs, clock changes) hit every row alike instead of whichever rows ran during it.
+    """
+    import tokcompress as tc
+    from tokcompress.timing import PARTS, Timing, ttft_split
+
     retains = [float(r) for r in args.retain.split(",")] if args.retain else list(DEFAULT_RETAIN)
-    jobs: list[tuple[str, float | None]] = [("unwrapped", None)]
+    rows: list[dict[str, Any]] = [{"policy": "unwrapped", "retain": 1.0, "params": {}, "label": "unwrapped model"}]
     for name in names:
-        jobs += [(name, None)] if name == "none" else [(name, r) for r in retains]
-    runs = []
+        for retain in [1.0] if name == "none" else retains:
+            params = {} if name == "none" else dict(common.POLICY_PARAMS.get(name, {}))
+            rows.append({"policy": name, "retain": retain, "params": params})
     bare: dict[int, float] = {}
-    with torch.no_grad():  # first calls are slower (allocator growth): keep them out of every row
+    with torch.no_grad():  # the first calls of a process are slower: keep them out of every row
         for _ in range(2):
             model.generate(**inputs, max_new_tokens=1, do_sample=False)
-    progress = _progress(len(jobs))
-    for name, retain in jobs:
-        row: dict[str, Any] = {"policy": name, "retain": 1.0 if retain is None else retain}
-        params = {} if name in ("unwrapped", "none") else dict(common.POLICY_PARAMS.get(name, {}))
-        row["params"] = params
+    progress = _progress(len(rows) * (1 + args.repeats))
+    timings: dict[int, tuple[Timing, dict[str, Timing]]] = {}
+
+    def attempt(row: dict[str, Any], step: Any) -> None:
         start = time.perf_counter()
         try:
-            if name == "unwrapped":
-                row["label"] = "unwrapped model"
-                row.update(_measure(model, inputs, args, bare))
-            else:
-                with tc.compressed(model, name, retain, **params) as wrapped:
+            with _as_row(model, row) as wrapped:
+                if row["policy"] != "unwrapped":
                     row["label"] = tc.policy_of(wrapped).label
-                    row.update(_measure(wrapped, inputs, args, bare))
+                step(wrapped)
         except Exception as err:  # one broken policy must not hide the others' numbers
             row["error"] = f"{type(err).__name__}: {err}"
             row["traceback"] = traceback.format_exc(limit=6)
-        row["bench_seconds"] = time.perf_counter() - start
-        runs.append(row)
-        progress(f"{row.get('label', name)}" + (f"  ERROR {row['error']}" if "error" in row else ""))
-    return runs
+        row["bench_seconds"] = row.get("bench_seconds", 0.0) + time.perf_counter() - start
+        progress(f"{row.get('label', row['policy'])}" + (f"  ERROR {row['error']}" if "error" in row else ""))
+
+    for row in rows:
+        attempt(row, lambda m, row=row: row.update(_profile(m, inputs, args, bare)))
+    for _ in range(args.repeats):
+        for i, row in enumerate(rows):
+            if "error" in row:
+                progress(row["policy"])
+                continue
+
+            def timed(m: Any, i: int = i) -> None:
+                total, parts = ttft_split(m, inputs, repeats=1, warmup=0)
+                seconds, split = timings.setdefault(i, (Timing(), {name: Timing() for name in PARTS} if parts else {}))
+                seconds.seconds += total.seconds
+                for name, part in parts.items():
+                    split[name].seconds += part.seconds
+
+            attempt(row, timed)
+    for i, row in enumerate(rows):
+        if "error" in row or i not in timings:
+            continue
+        total, parts = timings[i]
+        row["ttft"] = total.as_dict()
+        row["parts"] = {k: v.as_dict() for k, v in parts.items()}
+        if parts:
+            lm = [p + e + f for p, e, f in zip(parts["policy"].seconds, parts["engine"].seconds, parts["prefill"].seconds)]
+            row["lm_s"] = statistics.median(lm)
+    return rows
 
 
 def _progress(total: int):

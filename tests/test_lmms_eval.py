@@ -93,7 +93,7 @@ def test_pruned_run_scores_known_answers_and_logs_efficiency(uniform_run):
     assert stats["avg_video_tokens_after"] == TOKENS_AFTER_HALF
     assert stats["total_gen_tokens"] == 2 * 4 * len(TASKS)  # "A" and end-of-turn, 4 docs per task
     assert 0 < stats["avg_ttft_s"] <= stats["avg_latency"]
-    assert stats["avg_policy_s"] > 0
+    assert stats["avg_policy_s"] > 0 and stats["avg_preprocess_s"] > 0
 
 
 def test_uncompressed_run_scores_the_same(env):
@@ -135,6 +135,9 @@ def test_bad_arguments_are_refused(env):
         TokcompressChat()
     with pytest.raises(NotImplementedError, match="file paths"):
         _paths([object()])
+    with pytest.raises(NotImplementedError, match="time window"):
+        _paths([{"path": "clip.mp4", "video_start": 1.0, "video_end": 2.0}])
+    assert _paths([{"path": "clip.mp4"}, "other.mp4"]) == ["clip.mp4", "other.mp4"]
 
 
 def _free_port() -> int:

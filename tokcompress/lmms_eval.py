@@ -14,9 +14,11 @@ default none: ``max_frames_num`` frames evenly spaced over the clip), ``dtype`` 
 ``attn_implementation``, ``device_map``, ``max_new_tokens`` (default for tasks that set none);
 every other key goes to the policy (e.g. ``seed=0`` for ``random``).
 
-Per request the model reports, through lmms-eval's metric logging (``results["throughput"]``):
-``ttft_s`` (from the start of ``generate`` to the first generated token), ``policy_s`` (the policy
-itself), ``video_tokens_before`` / ``video_tokens_after``, next to lmms-eval's latency and speed.
+Per request the model reports, through lmms-eval's metric logging (``results["throughput"]``, as
+``avg_<name>``): ``ttft_s`` (from the start of ``generate`` to the first generated token: vision
+encoding, policy, prefill), ``policy_s`` (the policy itself), ``preprocess_s`` (decoding the video
+with PyAV and the processor), ``video_tokens_before`` / ``video_tokens_after``, next to lmms-eval's
+own latency (the whole ``generate``) and speed.
 
 From Python, an already loaded (and possibly wrapped) model can be evaluated directly::
 
@@ -181,8 +183,10 @@ class _Base(lmms):
 
         from .hf import chat_inputs, read_clip
 
+        begin = time.perf_counter()
         clips = [read_clip(path, max_frames=self.max_frames_num, fps=self.fps) for path in videos]
         batch = chat_inputs(self.processor, [conversation], [clips])
+        preprocess = time.perf_counter() - begin
         dtype = self.model.dtype
         inputs = {
             k: (v.to(self.device, dtype) if torch.is_floating_point(v) else v.to(self.device)) if torch.is_tensor(v) else v
@@ -227,6 +231,7 @@ class _Base(lmms):
             "total_gen_tokens": int(new_tokens.numel()),
             "ttft_s": (clock.at - start) if clock.at is not None else elapsed,
             "policy_s": sum(r.seconds for r in record) if fresh else 0.0,
+            "preprocess_s": preprocess,
         }
         if fresh:
             metrics["video_tokens_before"] = sum(r.video_tokens_before for r in record)
@@ -296,8 +301,12 @@ def _paths(visuals: Any) -> list[str]:
     """Video file paths of a request; anything else is refused with a reason."""
     out = []
     for item in visuals or []:
-        if isinstance(item, dict) and "video" in item:  # some tasks wrap paths
-            item = item["video"]
+        if isinstance(item, dict):  # some tasks wrap paths, a few add a time window
+            if any(key in item for key in ("video_start", "video_end", "start_time", "end_time")):
+                raise NotImplementedError(
+                    "the tokcompress lmms-eval model reads whole videos; this task asks for a time window of one"
+                )
+            item = item.get("video") or item.get("url") or item.get("path")
         if not isinstance(item, str):
             raise NotImplementedError(
                 f"the tokcompress lmms-eval model takes videos given as file paths; this task gives a "
@@ -325,6 +334,8 @@ class TokcompressChat(_Base):
                     if item.type == "text":
                         content.append({"type": "text", "text": item.text})
                     elif item.type == "video":
+                        if item.start_time is not None or item.end_time is not None:
+                            _paths([{"url": item.url, "start_time": item.start_time}])  # raises with the reason
                         videos += _paths([item.url])
                         content.append({"type": "video"})
                     else:
