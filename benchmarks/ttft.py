@@ -314,6 +314,22 @@ def derive(runs: list[dict[str, Any]]) -> None:
             r["meets_goal"] = r["gap"] <= GOAL_GAP
 
 
+def profile_misses(model: Any, inputs: dict[str, Any], runs: list[dict[str, Any]], top: int = 15) -> None:
+    """For rows that miss the goal: the torch profiler's top operators of one call, into ``row["profile"]``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if model.device.type == "cuda" else "self_cpu_time_total"
+    for row in runs:
+        if row.get("meets_goal") is not False:
+            continue
+        with _as_row(model, row) as wrapped, torch.no_grad():
+            wrapped.generate(**inputs, max_new_tokens=1, do_sample=False)
+            with profile(activities=activities) as prof:
+                wrapped.generate(**inputs, max_new_tokens=1, do_sample=False)
+        row["profile"] = prof.key_averages().table(sort_by=sort, row_limit=top)
+
+
 # --------------------------------------------------------------------------- outputs
 
 
@@ -370,6 +386,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"(goal at retain {GOAL_RETAIN:g}: gap ≤ {GOAL_GAP}, ✓/✗). LM ratio above bare LM ratio is tokcompress's "
         "overhead; bare LM ratio above FLOPs ratio is the model running short sequences less efficiently.",
     ]
+    for r in result["runs"]:
+        if r.get("profile"):
+            lines += ["", f"Profile of one call, {r['label']} (top operators):", "", "```", r["profile"].rstrip(), "```"]
     return "\n".join(lines)
 
 
@@ -379,6 +398,7 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [r for r in result["runs"] if "error" not in r and r["policy"] not in ("unwrapped", "none")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -390,10 +410,19 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
     bound = sorted((r.get("retained_fraction", r["retain"]), 1 / r["flops_ratio"]) for r in rows if r.get("flops_ratio"))
     if bound:
         axes[1].plot(*zip(*bound), "k--", lw=1, label="FLOPs limit")
+    bare = sorted((r.get("retained_fraction", r["retain"]), 1 / r["bare_ratio"]) for r in rows if r.get("bare_ratio"))
+    if bare:
+        axes[1].plot(*zip(*bare), "k:", marker=".", lw=1, label="bare LM (no tokcompress)")
     model = result["config"].get("shape") or result["config"].get("model")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     for ax, title in zip(axes, ("TTFT speedup vs unwrapped", "LM prefill speedup vs none (incl. policy)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0]))
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("retained video tokens (fraction)")
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
@@ -436,6 +465,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     runs = _policy_runs(model, inputs, args, names)
     derive(runs)
+    if args.profile:
+        profile_misses(model, inputs, runs)
     video_tokens = next((r["video_tokens_before"] for r in runs if r.get("video_tokens_before")), None)
     result = {
         "schema": "tokcompress.ttft/1",
@@ -512,6 +543,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory run")
     parser.add_argument("--no-bare", dest="bare", action="store_false", help="skip timing the bare language model")
+    parser.add_argument(
+        "--profile", action="store_true", help=f"profile one call of every row that misses the goal (gap > {GOAL_GAP})"
+    )
     parser.add_argument("--out", default=str(common.RESULTS_DIR), help="output folder (default: benchmarks/results)")
     parser.add_argument("--tag", help="file name tag (default: from the model and device)")
     return parser.parse_args(argv)

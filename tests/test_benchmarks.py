@@ -50,8 +50,11 @@ def ttft_run(tmp_path_factory, monkeypatch_module):
     out = tmp_path_factory.mktemp("ttft")
     # a broken parameter for one policy: its row must carry the error, the others their numbers
     monkeypatch_module.setitem(common.POLICY_PARAMS, "pool", {"no_such_parameter": 1})
+    # an unreachable goal at this retain, so --profile has a row to profile
+    monkeypatch_module.setattr(ttft, "GOAL_RETAIN", 0.5)
+    monkeypatch_module.setattr(ttft, "GOAL_GAP", 0.0)
     argv = ["--frames", "2", "--policies", "uniform,none,pool", "--retain", "0.5", "--repeats", "1", "--warmup", "0",
-            "--out", str(out), "--tag", "default-cpu"]  # fmt: skip
+            "--profile", "--out", str(out), "--tag", "default-cpu"]  # fmt: skip
     result = ttft.run(argv)
     return result, out
 
@@ -89,6 +92,8 @@ def test_ttft_benchmark_rows_ratios_and_files(ttft_run):
     table = (out / "ttft-default-cpu.md").read_text()
     assert "| uniform | 0.5 | 197/393 |" in table and "error: TypeError" in table
     assert (out / "ttft-default-cpu.png").stat().st_size > 10_000
+    assert uniform["meets_goal"] is False and "aten::" in uniform["profile"]
+    assert "Profile of one call, uniform(retain=0.5)" in table
 
 
 def test_readme_section_is_generated_from_the_json(ttft_run, tmp_path):
