@@ -25,6 +25,9 @@ From Python, an already loaded (and possibly wrapped) model can be evaluated dir
     lm = TokcompressChat(model=tokcompress.wrap(model, "fastvid", retain=0.1), processor=processor)
     lmms_eval.evaluator.simple_evaluate(model=lm, tasks=["videomme"])
 
+A model object that is not wrapped yet is wrapped with ``policy``/``retain`` and stays wrapped
+(``tokcompress.unwrap(model)`` afterwards); a wrapped one is used as it is.
+
 Under ``accelerate launch`` lmms-eval shards the documents over the processes (each process holds a
 whole model on its own device) and gathers the scores; the per-request metrics are gathered to
 process 0 as well.
@@ -137,8 +140,8 @@ class _Base(lmms):
             if processor is None:
                 raise ValueError("a model object needs its processor: TokcompressChat(model=..., processor=...)")
             self.pretrained = getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)
-            if device is None and device_map is None:
-                self._device = next(model.parameters()).device
+        if device_map is not None or pretrained is None:  # inputs go where the model's first weights are
+            self._device = next(model.parameters()).device
         if tc.is_wrapped(model):
             if retain is not None or policy_params or policy not in (None, "none"):
                 raise ValueError(
