@@ -22,8 +22,46 @@ ATOL = 1e-5
 Case = dict[str, Any]
 Outputs = dict[str, torch.Tensor]
 
+
+
+def _dpc_knn(case: Case) -> Outputs:
+    from tokcompress.cluster import dpc_knn
+
+    res = dpc_knn(case["inputs"]["x"], case["params"]["k"], case["params"]["cluster_num"])
+    # dist_matrix is not compared: its diagonal is torch.cdist round-off in the reference (see the README)
+    return {"index": res.index, "keep": res.centers}
+
+
+def _holitom(case: Case) -> Outputs:
+    from tokcompress.policies.holitom import holitom_outer
+
+    p, x = case["params"], case["inputs"]
+    t, h, w, dim = x["features"].shape
+    res = holitom_outer(
+        x["features"].reshape(t, h * w, dim),
+        x["attn"],
+        retain=p["RETAIN_RATIO"],
+        tau=p["T"],
+        beta=p["BETA"],
+        d=p["D"],
+        k=p["K"],
+        max_window_size=p["MAX_WINDOW_SIZE"],
+        no_beta=p["NO_BETA"] != "0",
+    )
+    layout = p["mm_newline_position"]
+    out = res.emitted(layout, (h, w), x.get("newline"))
+    out["windows"] = torch.tensor(res.windows, dtype=torch.long)
+    out["static_mask"] = res.static_mask
+    out["total_reduced"] = torch.tensor(float(res.total_reduced), dtype=torch.float64)
+    out["retain_ratio"] = torch.tensor(res.retain_ratio, dtype=torch.float64)
+    return out
+
+
 #: case["policy"] -> function(case) -> outputs keyed as in case["expected"] (a subset is fine).
-GOLDEN: dict[str, Callable[[Case], Outputs]] = {}
+GOLDEN: dict[str, Callable[[Case], Outputs]] = {
+    "dpc_knn": _dpc_knn,
+    "holitom": _holitom,
+}
 
 
 @pytest.mark.parametrize("path", CASES, ids=[str(p.relative_to(GOLDEN_DIR)) for p in CASES])

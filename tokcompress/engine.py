@@ -91,7 +91,7 @@ class Session:
         self.record: list[RowRecord] | None = None
         self._stack = ExitStack()
         try:
-            self._install(frozenset(policy.needs))
+            self._install(frozenset(policy.needs) | frozenset(policy.optional_needs))
         except BaseException:
             self._stack.close()
             raise
