@@ -57,9 +57,30 @@ def _holitom(case: Case) -> Outputs:
     return out
 
 
+def _fastvid(case: Case) -> Outputs:
+    from tokcompress.policies.fastvid import FastVID
+
+    p, x = case["params"], case["inputs"]
+    t, h, w, dim = x["features"].shape
+    policy = FastVID(
+        retain=p["retention_ratio"],
+        DySeg_c=p["DySeg_c"],
+        DySeg_tau=p["DySeg_tau"],
+        STPrune_d=p["STPrune_d"],
+        DTM_p=p["DTM_p"],
+        DTM_beta=p["DTM_beta"],
+    )
+    res = policy.run(x["features"].reshape(t, h * w, dim), x["frame_global"], x["frame_attn"], case["layout"])
+    out = {"keep": res.keep, "tokens": res.values, "segments": torch.tensor(res.info["segments"], dtype=torch.long)}
+    if case["layout"] == "llava_video":  # a row's newline is kept iff one token of the row is
+        out["newline_rows"] = torch.unique(res.keep // w)
+    return out
+
+
 #: case["policy"] -> function(case) -> outputs keyed as in case["expected"] (a subset is fine).
 GOLDEN: dict[str, Callable[[Case], Outputs]] = {
     "dpc_knn": _dpc_knn,
+    "fastvid": _fastvid,
     "holitom": _holitom,
 }
 
