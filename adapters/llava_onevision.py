@@ -2,21 +2,50 @@
 
 Per video the span holds ``F * h * w`` pooled SigLIP tokens (bilinear 2x pooling of the patch grid,
 e.g. 27x27 -> 14x14) followed by ONE ``image_newline`` token; positions are 1-D.
+
+Signals (captured on the SigLIP layer whose output the projector reads, see ``vision_feature_layer``):
+``"vision_attention"`` ``(F, h*w)`` attention each patch receives (mean over heads and queries) and
+``"frame_query_attention"`` ``(F, h*w)`` attention of the frame's mean query, both recomputed from the
+layer's q/k and pooled bilinearly like the features; ``"vision_features"`` ``(F, P, C)`` the layer's
+output (pre-projector), for policies that run SigLIP's pooling head themselves.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
 
-from .base import Adapter, CallContext, VideoSpan, split_videos
+from .base import Adapter, CallContext, Capture, VideoSpan, split_videos
+from .vision_signals import feature_layer, mean_query_attention, mean_received_attention, project_qk
+
+ATTENTION_SIGNALS = ("vision_attention", "frame_query_attention")
+
+
+def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    inner = getattr(tower, "vision_model", tower)
+    return inner.encoder.layers
+
+
+def pool_patches(values: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``(F, P)`` per-patch values on a square patch grid -> ``(F, h*w)``: LLaVA-OneVision's bilinear pooling."""
+    frames, patches = values.shape
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise RuntimeError(f"cannot pool {patches} vision patches onto the token grid: not a square")
+    if (side, side) == tuple(grid):
+        return values
+    pooled = nn.functional.interpolate(values.reshape(frames, 1, side, side).float(), size=grid, mode="bilinear")
+    return pooled.reshape(frames, -1)
 
 
 class LlavaOnevisionAdapter(Adapter):
     name = "llava_onevision"
     model_classes = (LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel)
+    signals = frozenset({"vision_attention", "frame_query_attention", "vision_features"})
 
     def placeholder_ids(self, model: nn.Module) -> list[int]:
         return [model.config.video_token_id]
@@ -27,22 +56,76 @@ class LlavaOnevisionAdapter(Adapter):
         side = math.ceil((vision.image_size // vision.patch_size) / 2)
         return side, side
 
+    def captures(self, model: nn.Module, signals: frozenset[str]) -> list[Capture]:
+        wanted = [s for s in ATTENTION_SIGNALS if s in signals]
+        if not wanted and "vision_features" not in signals:
+            return []
+        inner = self.inner(model)
+        layer = feature_layer(_encoder_layers(inner.vision_tower), inner.config.vision_feature_layer)
+        if layer is None:
+            return []
+        out = []
+        if wanted:
+
+            def attention(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> dict[str, Tensor]:
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                qk = project_qk(module, hidden)
+                values = {}
+                if "vision_attention" in wanted:
+                    values["vision_attention"] = mean_received_attention(qk)
+                if "frame_query_attention" in wanted:
+                    values["frame_query_attention"] = mean_query_attention(qk)
+                return values
+
+            out.append(Capture("vision_attention_maps", layer, attention, when="pre"))
+        if "vision_features" in signals:
+
+            def features(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Tensor:
+                hidden = output[0] if isinstance(output, tuple) else output
+                return hidden.detach()
+
+            out.append(Capture("vision_features", layer, features, when="post"))
+        return out
+
     def spans(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
         h, w = self.frame_grid(model)
         counts = None
+        frames = None
         pixels = call.inner_kwargs.get("pixel_values_videos")
         encoded = (call.inner_kwargs.get("mm_encoder_outputs") or {}).get("video")
         if pixels is not None:  # (videos, frames, C, H, W)
             counts = [pixels.shape[1] * h * w + 1] * pixels.shape[0]
+            frames = [pixels.shape[1]] * pixels.shape[0]
         elif encoded is not None:  # pre-encoded by generate: pooler_output (videos, F*h*w + 1, D)
             counts = [encoded.pooler_output.shape[1]] * encoded.pooler_output.shape[0]
+            frames = [(c - 1) // (h * w) for c in counts]
         spans = []
         for row, pos in split_videos(call.target, counts):
-            frames, rest = divmod(pos.numel() - 1, h * w)
-            if rest or frames < 1:
+            n_frames, rest = divmod(pos.numel() - 1, h * w)
+            if rest or n_frames < 1:
                 raise RuntimeError(f"a LLaVA-OneVision video span of {pos.numel()} tokens is not F*{h}*{w}+1")
-            spans.append(VideoSpan(row=row, positions=pos[:-1], grid=(frames, h, w), specials=pos[-1:]))
+            spans.append(VideoSpan(row=row, positions=pos[:-1], grid=(n_frames, h, w), specials=pos[-1:]))
+        if frames is None:
+            frames = [s.grid[0] for s in spans]
+        for span, signals in zip(spans, self._video_signals(call, frames, (h, w))):
+            span.signals = signals
         return spans
 
+    def _video_signals(self, call: CallContext, frames: list[int], grid: tuple[int, int]) -> list[dict[str, Tensor]]:
+        """Per video, the captured signals of the last tower call (videos are encoded after images)."""
+        total = sum(frames)
+        out: list[dict[str, Tensor]] = [{} for _ in frames]
+        maps = call.captured.get("vision_attention_maps") or []
+        feats = call.captured.get("vision_features") or []
+        merged: dict[str, Tensor] = {}
+        if maps and next(iter(maps[-1].values())).shape[0] == total:
+            merged.update({name: pool_patches(v, grid) for name, v in maps[-1].items()})
+        if feats and feats[-1].shape[0] == total:
+            merged["vision_features"] = feats[-1]
+        for name, value in merged.items():
+            for i, part in enumerate(value.split(frames)):
+                out[i][name] = part
+        return out
 
-__all__ = ["LlavaOnevisionAdapter"]
+
+__all__ = ["LlavaOnevisionAdapter", "pool_patches"]

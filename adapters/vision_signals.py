@@ -98,7 +98,8 @@ def project_qk(layer: nn.Module, hidden_states: Tensor, position_embeddings: tup
         layer: a vision encoder layer (see the module docstring for the supported shapes).
         hidden_states: the layer's input, ``(B, S, C)`` or unbatched ``(S, C)`` (Qwen-VL packs all
             patches of a call in one sequence; pass one frame or one video at a time, see :func:`segments`).
-        position_embeddings: ``(cos, sin)`` ``(S, d)`` for rotary layers (the kwarg Qwen-VL blocks receive).
+        position_embeddings: ``(cos, sin)`` ``(S, d)`` or ``(B, S, d)`` for rotary layers (the kwarg
+            Qwen-VL blocks receive, sliced like ``hidden_states``).
     """
     x = hidden_states if hidden_states.dim() == 3 else hidden_states[None]
     norm = _find(layer, _NORMS, "pre-attention norm")
@@ -116,8 +117,8 @@ def project_qk(layer: nn.Module, hidden_states: Tensor, position_embeddings: tup
         q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
     else:
         raise TypeError(f"cannot find q/k projections in {type(attn).__name__}")
-    if position_embeddings is not None:
-        cos, sin = (t.float().reshape(1, 1, x.shape[1], -1) for t in position_embeddings)
+    if position_embeddings is not None:  # (S, d) shared by the batch, or (B, S, d)
+        cos, sin = (t.float().reshape(-1, 1, x.shape[1], t.shape[-1]) for t in position_embeddings)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
     scale = getattr(attn, "scale", None) or getattr(attn, "scaling", None) or q.shape[-1] ** -0.5
