@@ -19,7 +19,6 @@ Everything is computed in float32 under ``torch.no_grad()``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

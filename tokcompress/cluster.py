@@ -201,4 +201,27 @@ def nearest_center(x: Tensor, centers: Tensor, dist: Tensor | None = None, *, ma
     return out[0] if squeeze else out
 
 
-__all__ = ["DPCResult", "dpc_density", "dpc_knn", "dpc_parent_distance", "nearest_center", "scaled_cdist", "top_scores"]
+def cluster_sums(x: Tensor, labels: Tensor, k: int, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-cluster sums and counts: ``x`` ``(..., M, D)``, ``labels`` ``(..., M)`` in ``[0, k)``.
+
+    Returns ``(sums (..., k, D), counts (..., k))`` in ``x``'s dtype; ``weight`` ``(..., M)`` (0/1)
+    excludes tokens. On CPU this is an ``index_add_`` (O(M*D)); on accelerators a one-hot matmul,
+    which is deterministic (``index_add_`` uses atomics there).
+    """
+    lead = labels.shape[:-1]
+    m, d = x.shape[-2], x.shape[-1]
+    x = x.expand(*lead, m, d)
+    w = torch.ones(labels.shape, dtype=x.dtype, device=x.device) if weight is None else weight.to(x.dtype)
+    if x.device.type == "cpu":
+        batch = int(math.prod(lead)) if lead else 1
+        offset = (torch.arange(batch, device=x.device) * k).reshape(*lead, 1) if lead else 0
+        flat = (labels + offset).reshape(-1)
+        sums = torch.zeros(batch * k, d, dtype=x.dtype, device=x.device)
+        sums.index_add_(0, flat, (x * w[..., None]).reshape(-1, d) if weight is not None else x.reshape(-1, d))
+        counts = torch.zeros(batch * k, dtype=x.dtype, device=x.device).index_add_(0, flat, w.reshape(-1))
+        return sums.reshape(*lead, k, d), counts.reshape(*lead, k)
+    one_hot = torch.nn.functional.one_hot(labels, k).to(x.dtype) * w[..., None]
+    return one_hot.transpose(-1, -2) @ x, one_hot.sum(dim=-2)
+
+
+__all__ = ["DPCResult", "cluster_sums", "dpc_density", "dpc_knn", "dpc_parent_distance", "nearest_center", "scaled_cdist", "top_scores"]

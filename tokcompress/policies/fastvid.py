@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..cluster import dpc_density, dpc_parent_distance, top_scores
+from ..cluster import cluster_sums, dpc_density, dpc_parent_distance, top_scores
 from ..policy import Policy
 from ..registry import register
 from ..tokens import Compression, TokenSet
@@ -86,14 +86,14 @@ def _density_scores(x: Tensor) -> Tensor:
     return dpc_parent_distance(x, density, dist_max, dist) * density
 
 
-def _merge(centres: Tensor, sources: Tensor, label: Tensor, beta: float, k: int) -> Tensor:
+def _merge(centres: Tensor, sources: Tensor, label: Tensor, beta: float, k: int, weight: Tensor | None = None) -> Tensor:
     """``w * centre + (1 - w) * mean(sources)`` with ``w = max(1 / (count + 1), beta)`` (FastVID's DTM).
 
-    ``centres`` ``(k, D)``, ``sources`` ``(S, D)``, ``label`` ``(S,)`` in ``[0, k)``.
+    ``centres`` ``(..., k, D)``, ``sources`` ``(..., S, D)``, ``label`` ``(..., S)`` in ``[0, k)``;
+    leading dims are a batch; ``weight`` ``(..., S)`` 0/1 excludes sources.
     """
-    sums = torch.zeros(k, sources.shape[1], dtype=sources.dtype, device=sources.device)
-    sums.index_add_(0, label, sources)
-    count = torch.bincount(label, minlength=k).to(sources.dtype)[:, None]
+    sums, count = cluster_sums(sources, label, k, weight)
+    count = count[..., None]
     w = (1 / (count + 1)).clamp(min=beta)
     return w * centres + (1 - w) * (sums / count.clamp(min=1))
 
@@ -176,13 +176,12 @@ def _onevision(feats: Tensor, attn: Tensor, segs: list[tuple[int, int]], p: "Fas
         idx = torch.tensor(single, device=device)
         centres = top_scores(score[idx], n_ctx)  # (S, n_ctx), highest score first
         src = rest_x[idx]
-        unit = _unit(src)
-        label = (unit @ unit.gather(1, centres[:, :, None].expand(-1, -1, dim)).transpose(1, 2)).argmax(dim=2)
-        for row, f in enumerate(single):
-            merged = _merge(src[row, centres[row]], src[row], label[row], p.DTM_beta, n_ctx)
-            kept = rest_flat[f, centres[row]]
-            out.add(kept, merged)
-            out.link(rest_flat[f], kept[label[row]])
+        target = src.gather(1, centres[:, :, None].expand(-1, -1, dim))
+        # cosine argmax over centres: a source's own norm does not change it, so it is not divided out
+        label = (src @ _unit(target).transpose(1, 2)).argmax(dim=2)
+        kept = rest_flat[idx].gather(1, centres)  # (S, n_ctx)
+        out.add(kept.reshape(-1), _merge(target, src, label, p.DTM_beta, n_ctx).reshape(-1, dim))
+        out.link(rest_flat[idx].reshape(-1), kept.gather(1, label).reshape(-1))
     # anchors of multi-frame segments: centres from the anchor, sources = the whole segment
     for s, e in segs:
         anchors = [f for f in range(s, e + 1) if count[f] > n_ctx]
@@ -191,14 +190,14 @@ def _onevision(feats: Tensor, attn: Tensor, segs: list[tuple[int, int]], p: "Fas
         per_anchor = count[e]
         src = rest_x[s : e + 1].reshape(-1, dim)
         src_flat = rest_flat[s : e + 1].reshape(-1)
-        unit = _unit(src)
-        for f in anchors:
-            centres = top_scores(score[f], per_anchor)
-            target = rest_x[f, centres]
-            label = (unit @ _unit(target).T).argmax(dim=1)
-            kept = rest_flat[f, centres]
-            out.add(kept, _merge(target, src, label, p.DTM_beta, per_anchor))
-            out.link(src_flat, kept[label])
+        idx = torch.tensor(anchors, device=device)
+        centres = top_scores(score[idx], per_anchor)  # (A, per_anchor)
+        target = rest_x[idx].gather(1, centres[:, :, None].expand(-1, -1, dim))
+        label = (src[None] @ _unit(target).transpose(1, 2)).argmax(dim=2)  # (A, S), cosine argmax
+        kept = rest_flat[idx].gather(1, centres)
+        out.add(kept.reshape(-1), _merge(target, src[None], label, p.DTM_beta, per_anchor).reshape(-1, dim))
+        for row in range(len(anchors)):
+            out.link(src_flat, kept[row, label[row]])
     return out
 
 
@@ -284,20 +283,28 @@ def _per_segment(feats: Tensor, attn: Tensor, g: Tensor, segs: list[tuple[int, i
             pick = top_scores(score[row], min(ctx_n[f], m)).sort().values  # capped at the tokens left
             centres[f] = f * n + rest[row, pick]
 
+    x = feats.reshape(-1, dim)
     for s, e in segs:
         seg_anchors = [f for f in range(s, e + 1) if f in centres]
         if not seg_anchors:
             continue
-        pool = flat[s : e + 1][~salient[s : e + 1]]  # non-salient tokens of the segment, ascending
-        x = feats.reshape(-1, dim)
-        unit = _unit(x[pool])
-        for f in seg_anchors:
-            kept = centres[f]
-            is_src = ~torch.isin(pool, kept)
-            src = pool[is_src]
-            label = (unit[is_src] @ _unit(x[kept]).T).argmax(dim=1)
-            out.add(kept, _merge(x[kept], x[src], label, p.DTM_beta, kept.numel()))
-            out.link(src, kept[label])
+        # Sources of an anchor: the segment's non-salient tokens except its own centres. All anchors of
+        # the segment at once, centre lists padded to the longest.
+        pool = flat[s : e + 1][~salient[s : e + 1]]  # (S,) ascending
+        xs = x[pool]
+        sizes = [centres[f].numel() for f in seg_anchors]
+        width = max(sizes)
+        pad = torch.stack([torch.cat([centres[f], centres[f][:1].expand(width - c)]) for f, c in zip(seg_anchors, sizes)])
+        valid = torch.arange(width, device=device)[None, :] < torch.tensor(sizes, device=device)[:, None]
+        target = x[pad]  # (A, width, D)
+        # cosine argmax over the anchor's centres (the source's own norm does not change it)
+        sim = (xs[None] @ _unit(target).transpose(1, 2)).masked_fill(~valid[:, None, :], -math.inf)
+        label = sim.argmax(dim=2)  # (A, S): ties go to the lower (ascending) centre
+        is_src = ~(pool[None, :, None] == pad[:, None, :]).any(dim=2)  # (A, S)
+        merged = _merge(target, xs[None], label, p.DTM_beta, width, weight=is_src)
+        out.add(pad[valid], merged[valid])
+        for row in range(len(seg_anchors)):
+            out.link(pool[is_src[row]], pad[row, label[row, is_src[row]]])
     return out
 
 

@@ -35,8 +35,7 @@ separate stage; :meth:`HoliTom.stages` is where it will be chained.
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -44,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..cluster import dpc_knn, nearest_center
+from ..cluster import cluster_sums, dpc_knn, nearest_center
 from ..policy import Policy
 from ..registry import register
 from ..tokens import Compression, TokenSet
@@ -57,24 +56,27 @@ STATIC, DOMINANT, CONTEXTUAL, NEWLINE = 0, 1, 2, 3
 PRESETS = ("auto", "llava_onevision", "llava_video", "generic")
 
 
-def frame_similarity(features: Tensor) -> Tensor:
-    """``(T-1, n)`` cosine similarity of each position between consecutive frames (reference form)."""
-    normed = F.normalize(features.float(), p=2, dim=-1)
-    return F.cosine_similarity(normed[:-1], normed[1:], dim=-1)
+def static_runs(static: np.ndarray) -> np.ndarray:
+    """``run[s, p]``: how many consecutive transitions from ``s`` on keep position ``p`` static.
 
-
-def window_gains(static: np.ndarray) -> np.ndarray:
-    """``C[s, e] = (#positions static over [s..e]) * (e - s)`` from ``static`` ``(T-1, n)`` bool.
-
-    Built from run lengths in ``O(T * (n + T))`` instead of the reference's ``O(T^2 * n)`` cumprod.
+    ``static`` ``(T-1, n)`` bool -> ``(T, n)`` int64 (row ``T-1`` is 0). Position ``p`` is static over
+    window ``[s..e]`` iff ``run[s, p] >= e - s``.
     """
     tm1, n = static.shape
-    t = tm1 + 1
-    run = np.zeros((t, n), dtype=np.int64)  # run[s, p]: consecutive static transitions from s
+    run = np.zeros((tm1 + 1, n), dtype=np.int64)
     for s in range(tm1 - 1, -1, -1):
         run[s] = (run[s + 1] + 1) * static[s]
+    return run
+
+
+def window_gains(run: np.ndarray) -> np.ndarray:
+    """``C[s, e] = (#positions static over [s..e]) * (e - s)`` from :func:`static_runs` ``(T, n)``.
+
+    ``O(T * (n + T))`` through run-length histograms, instead of the reference's ``O(T^2 * n)`` cumprod.
+    """
+    t = run.shape[0]
     gains = np.zeros((t, t), dtype=np.int64)
-    for s in range(tm1):
+    for s in range(t - 1):
         hist = np.bincount(run[s], minlength=t + 1)
         at_least = np.cumsum(hist[::-1])[::-1]  # at_least[L] = #p with run >= L
         lengths = np.arange(1, t - s)
@@ -86,7 +88,7 @@ def select_windows(gains: np.ndarray, max_window_size: int) -> tuple[list[tuple[
     """The reference's dynamic program: windows ``[(s, e), ...]`` (inclusive) and the saved-token total.
 
     ``dp[i] = max(dp[i-1], max_w dp[i-w] + C[i-w+1, i])`` over ``w = 2..min(i+1, max_window_size)``,
-    updated only on a strict improvement, window sizes tried in increasing order.
+    updated only on a strict improvement, window sizes tried in increasing order (exact integers).
     """
     t = gains.shape[0]
     dp = np.zeros(t + 1, dtype=np.int64)  # dp[i + 1] is the reference's dp[i]; dp[0] = 0
@@ -110,16 +112,19 @@ def select_windows(gains: np.ndarray, max_window_size: int) -> tuple[list[tuple[
 
 @dataclass
 class HoliTomResult:
-    """Everything the outer HoliTom computed for one video, tokens in the reference's OneVision order.
+    """Everything the outer HoliTom computed for one video.
+
+    Output tokens are stored in tokcompress order (ascending ``carrier``); :meth:`emitted` gives the
+    reference's order.
 
     Attributes:
-        tokens: ``(M, D)`` output embeddings; per window: static clusters (centre order), then per
-            frame the dominant tokens (ascending position) and the contextual clusters (centre order).
+        tokens: ``(M, D)`` output embeddings.
         kind: ``(M,)`` int64: 0 static cluster, 1 dominant, 2 contextual (see module constants).
         src: ``(M,)`` int64 flat index ``t*n + p`` of the copied token (kind 1) or DPC centre (kind 2); -1 for kind 0.
         pos: ``(M,)`` int64 spatial position ``p`` (kind 0: the static centre's position).
         window: ``(M,)`` int64 window of each token.
-        carrier: ``(M,)`` int64 flat index whose position the token takes in tokcompress (see module doc).
+        carrier: ``(M,)`` int64 sorted flat index whose position the token takes in tokcompress: its own
+            (kind 1), its DPC centre's (kind 2), its centre's in the window's first frame (kind 0).
         windows: ``[(start, end), ...]`` inclusive frame ranges.
         static_mask: ``(W, n)`` bool static positions per window (all False for one-frame windows).
         total_reduced: the DP optimum (tokens saved by temporal merging).
@@ -142,40 +147,41 @@ class HoliTomResult:
     def emitted(self, layout: str, grid: tuple[int, int], newline: Tensor | None = None) -> dict[str, Tensor]:
         """The output sequence in the order the reference emits it.
 
-        ``layout="one_token"`` (LLaVA-OneVision): the order of ``tokens``. ``layout="grid"``
-        (LLaVA-Video): per window, static tokens join the first frame; each frame's tokens sorted by
-        position; after each grid row with at least one token, one ``newline`` (kind 3).
+        ``layout="one_token"`` (LLaVA-OneVision): per window, the static clusters (ascending centre
+        position), then frame by frame the dominant tokens (ascending position) and the contextual
+        clusters (ascending centre position). ``layout="grid"`` (LLaVA-Video): per window the static
+        tokens join the first frame, each frame's tokens are sorted by position, and after each grid
+        row with at least one token comes one ``newline`` (kind 3; empty rows emit nothing).
         Returns ``tokens``, ``kind``, ``src``, ``pos``, ``window``.
         """
+        h, w = grid
+        n = h * w
+        frame = self.carrier // n
         fields = {"tokens": self.tokens, "kind": self.kind, "src": self.src, "pos": self.pos, "window": self.window}
         if layout == "one_token":
-            return dict(fields)
+            frames = int(frame.max()) + 1 if frame.numel() else 1
+            key = ((self.window * 2 + (self.kind != STATIC)) * frames + frame) * 2 + (self.kind == CONTEXTUAL)
+            order = torch.argsort(key * n + self.pos)
+            return {k: v[order] for k, v in fields.items()}
         if layout != "grid":
             raise ValueError(f"layout must be 'one_token' or 'grid'; got {layout!r}")
         if newline is None:
             raise ValueError("the 'grid' layout needs the newline embedding")
-        h, w = grid
-        n = h * w
-        # frame of each token: kind 0 -> window start; others -> from the carrier
-        frame = self.carrier // n
-        order = torch.argsort(frame * n + self.pos, stable=True)
-        out: dict[str, list[Tensor]] = {k: [] for k in fields}
-        nl = {
-            "tokens": newline.reshape(1, -1).to(self.tokens.dtype),
-            "kind": torch.tensor([NEWLINE]),
-            "src": torch.tensor([-1]),
-            "pos": torch.tensor([-1]),
-        }
-        row = (frame * h + self.pos // w)[order]
-        bounds = torch.nonzero(torch.diff(row, prepend=row[:1] - 1)).squeeze(1).tolist() + [row.numel()]
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            idx = order[a:b]
-            for key, value in fields.items():
-                out[key].append(value[idx])
-            for key, value in nl.items():
-                out[key].append(value)
-            out["window"].append(self.window[idx[:1]])
-        return {k: torch.cat(v) for k, v in out.items()}
+        # carrier order is already frame-major, position-minor: insert a newline after each row's run
+        row = frame * h + self.pos // w
+        last = torch.ones_like(row, dtype=torch.bool)
+        last[:-1] = row[1:] != row[:-1]
+        slots = torch.arange(row.numel(), device=row.device) + torch.cumsum(last.long(), 0) - last.long()
+        size = row.numel() + int(last.sum())
+        nl_slots = slots[last] + 1
+        out = {}
+        fill = {"tokens": newline.to(self.tokens), "kind": NEWLINE, "src": -1, "pos": -1}
+        for key, value in fields.items():
+            full = value.new_empty((size,) + tuple(value.shape[1:]))
+            full[slots] = value
+            full[nl_slots] = self.window[last] if key == "window" else fill[key]
+            out[key] = full
+        return out
 
 
 def _merge_clusters(x: Tensor, centers: Tensor, labels: Tensor, beta: float, no_beta: bool) -> Tensor:
@@ -188,10 +194,7 @@ def _merge_clusters(x: Tensor, centers: Tensor, labels: Tensor, beta: float, no_
     k = centers.shape[1]
     is_center = torch.zeros(b, m, dtype=torch.bool, device=x.device)
     is_center.scatter_(1, centers, True)
-    member = (~is_center).to(x.dtype)
-    sums = torch.zeros(b, k, d, dtype=x.dtype, device=x.device)
-    sums.scatter_add_(1, labels[:, :, None].expand(b, m, d), x * member[:, :, None])
-    counts = torch.zeros(b, k, dtype=x.dtype, device=x.device).scatter_add_(1, labels, member)
+    sums, counts = cluster_sums(x, labels, k, weight=~is_center)  # members only
     center_x = x.gather(1, centers[:, :, None].expand(b, k, d))
     if no_beta:
         merged = (sums + center_x) / (counts + 1)[:, :, None]
@@ -209,6 +212,32 @@ def _cluster(x: Tensor, num: int, k: int, beta: float, no_beta: bool) -> tuple[T
     # a centre belongs to its own cluster
     labels.scatter_(1, centers, torch.arange(num, device=x.device).expand(b, num).contiguous())
     return centers, labels, _merge_clusters(x.float(), centers, labels, beta, no_beta)
+
+
+class _Parts:
+    """Output pieces in any order, with the token -> carrier links; sorted by carrier at the end."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cols: dict[str, list[Tensor]] = {k: [] for k in ("tokens", "kind", "src", "pos", "window", "carrier")}
+        self.sources: list[Tensor] = []
+        self.targets: list[Tensor] = []
+
+    def add(self, tokens: Tensor, kind: int, src: Tensor, pos: Tensor, window: Tensor, carrier: Tensor) -> None:
+        count = tokens.shape[0]
+        for key, value in (
+            ("tokens", tokens),
+            ("kind", torch.full((count,), kind, dtype=torch.long, device=self.device)),
+            ("src", src),
+            ("pos", pos),
+            ("window", window.expand(count) if window.dim() == 0 else window),
+            ("carrier", carrier),
+        ):
+            self.cols[key].append(value)
+
+    def link(self, sources: Tensor, carriers: Tensor) -> None:
+        self.sources.append(sources.reshape(-1))
+        self.targets.append(carriers.reshape(-1))
 
 
 def holitom_outer(
@@ -233,108 +262,90 @@ def holitom_outer(
     device = features.device
     feats = features.float()
     if t > 1:
-        static_steps = frame_similarity(feats) > tau  # (T-1, n)
-        windows, reduced = select_windows(window_gains(static_steps.cpu().numpy()), max_window_size)
+        norms = feats.norm(dim=-1).clamp(min=1e-12)
+        cosine = torch.linalg.vecdot(feats[:-1], feats[1:]) / (norms[:-1] * norms[1:])  # (T-1, n)
+        run = static_runs((cosine > tau).cpu().numpy())
+        windows, reduced = select_windows(window_gains(run), max_window_size)
     else:
-        static_steps = torch.zeros(0, n, dtype=torch.bool, device=device)
+        run = np.zeros((1, n), dtype=np.int64)
         windows, reduced = [(0, 0)], 0
     total = t * n
     ratio = min(retain / ((total - reduced) / total), 1)
 
-    tok: list[Tensor] = []
-    kind: list[Tensor] = []
-    src: list[Tensor] = []
-    pos: list[Tensor] = []
-    win: list[Tensor] = []
-    carrier: list[Tensor] = []
-    assign_slot = torch.full((total,), -1, dtype=torch.long, device=device)  # token -> output index
-    emitted = 0
-    static_masks = []
+    starts = np.array([s for s, _ in windows])
+    lengths = np.array([e - s + 1 for s, e in windows])
+    static_np = (run[starts] >= (lengths - 1)[:, None]) & (lengths > 1)[:, None]  # (W, n)
+    static_mask = torch.from_numpy(static_np).to(device)
+    frame_window = torch.repeat_interleave(torch.arange(len(windows), device=device), torch.from_numpy(lengths).to(device))
+    frame_static = static_mask[frame_window]  # (T, n)
+    n_dyn = n - static_np.sum(axis=1)
+    budget = [math.ceil(int(nd) * ratio) for nd in n_dyn]
+    dominant = [round(m * (1 - d)) for m in budget]
+    parts = _Parts(device)
     ar = torch.arange(n, device=device)
 
-    def emit(values: Tensor, kinds: int, srcs: Tensor, poss: Tensor, carriers: Tensor, w: int) -> Tensor:
-        nonlocal emitted
-        count = values.shape[0]
-        tok.append(values)
-        kind.append(torch.full((count,), kinds, dtype=torch.long, device=device))
-        src.append(srcs)
-        pos.append(poss)
-        win.append(torch.full((count,), w, dtype=torch.long, device=device))
-        carrier.append(carriers)
-        slots = torch.arange(emitted, emitted + count, device=device)
-        emitted += count
-        return slots
-
+    # static tokens, per multi-frame window: temporal mean, then DPC-kNN clusters (round budget)
     for w_i, (s, e) in enumerate(windows):
-        length = e - s + 1
-        if length > 1:
-            smask = static_steps[s:e].all(dim=0)
-        else:
-            smask = torch.zeros(n, dtype=torch.bool, device=device)
-        static_masks.append(smask)
-        static_pos = ar[smask]
-        dyn_pos = ar[~smask]
-        frames = torch.arange(s, e + 1, device=device)
-
-        # static tokens: temporal mean, then DPC clustering (round budget)
-        n_static = int(static_pos.numel())
-        if length > 1 and n_static > 0:
-            static_feat = feats[s : e + 1][:, smask].mean(dim=0)  # (n_static, D)
-            c = round(n_static * ratio)
-            if c > 0:
-                centers, labels, merged = _cluster(static_feat[None], c, k, beta, no_beta)
-                cpos = static_pos[centers[0]]
-                slots = emit(merged[0], STATIC, torch.full((c,), -1, device=device), cpos, s * n + cpos, w_i)
-                flat = frames[:, None] * n + static_pos[None, :]  # every static token of the window
-                assign_slot[flat.reshape(-1)] = slots[labels[0]].repeat(length)
-
-        # dynamic tokens, per frame (same counts for every frame of the window)
-        n_dyn = int(dyn_pos.numel())
-        if n_dyn == 0:
+        n_static = int(static_np[w_i].sum())
+        c = round(n_static * ratio) if e > s else 0
+        if c == 0:
             continue
-        m = math.ceil(n_dyn * ratio)
-        dominant = round(m * (1 - d))
-        contextual = m - dominant
-        dfeat = feats[s : e + 1][:, ~smask]  # (L, n_dyn, D)
-        dattn = attention[s : e + 1][:, ~smask].float()
-        if dominant > 0:
-            top = torch.topk(dattn, dominant, dim=1).indices
-            chosen = torch.zeros(length, n_dyn, dtype=torch.bool, device=device).scatter_(1, top, True)
-        else:
-            chosen = torch.zeros(length, n_dyn, dtype=torch.bool, device=device)
-        dom_local = chosen.nonzero()  # (L*dominant, 2) frame-major, ascending position
-        rest_local = (~chosen).nonzero()[:, 1].reshape(length, n_dyn - dominant)
-        if contextual > 0:
-            rest_feat = dfeat.gather(1, rest_local[:, :, None].expand(-1, -1, dim))
-            ctx_centers, ctx_labels, ctx_merged = _cluster(rest_feat, contextual, k, beta, no_beta)
-        for f in range(length):
-            frame = s + f
-            sel = dom_local[dom_local[:, 0] == f, 1]
-            p = dyn_pos[sel]
-            slots = emit(feats[frame, p], DOMINANT, frame * n + p, p, frame * n + p, w_i)
-            assign_slot[frame * n + p] = slots
-            if contextual > 0:
-                cp = dyn_pos[rest_local[f, ctx_centers[f]]]
-                slots = emit(ctx_merged[f], CONTEXTUAL, frame * n + cp, cp, frame * n + cp, w_i)
-                members = dyn_pos[rest_local[f]]
-                assign_slot[frame * n + members] = slots[ctx_labels[f]]
+        smask = static_mask[w_i]
+        spos = ar[smask]
+        static_feat = feats[s : e + 1][:, smask].mean(dim=0)  # (n_static, D), the reference's form
+        centers, labels, merged = _cluster(static_feat[None], c, k, beta, no_beta)
+        cpos = spos[centers[0]]
+        parts.add(merged[0], STATIC, torch.full((c,), -1, device=device), cpos, torch.tensor(w_i, device=device), s * n + cpos)
+        frames = torch.arange(s, e + 1, device=device)[:, None]
+        parts.link(frames * n + spos[None, :], (s * n + cpos[labels[0]])[None, :].expand(e - s + 1, -1))
 
-    def cat(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
-        return torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype, device=device)
+    # dominant tokens, all frames at once: attention top-k among each frame's dynamic positions
+    dom_t = torch.tensor(dominant, device=device)[frame_window]
+    scores = attention.float().to(device).masked_fill(frame_static, -math.inf)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(1, order, ar.expand(t, n).contiguous())
+    chosen = ranks < dom_t[:, None]
+    fi, pi = chosen.nonzero(as_tuple=True)
+    flat = fi * n + pi
+    parts.add(feats[fi, pi], DOMINANT, flat, pi, frame_window[fi], flat)
+    parts.link(flat, flat)
 
-    tokens = torch.cat(tok).to(features.dtype) if tok else features.new_zeros(0, dim)
+    # contextual tokens (d > 0): DPC-kNN clusters of each frame's remaining dynamic tokens
+    for w_i, (s, e) in enumerate(windows):
+        contextual = budget[w_i] - dominant[w_i]
+        if contextual <= 0:
+            continue
+        length = e - s + 1
+        rest_mask = ~frame_static[s : e + 1] & ~chosen[s : e + 1]
+        rest = rest_mask.nonzero()[:, 1].reshape(length, -1)  # ascending positions per frame
+        rest_feat = feats[s : e + 1].gather(1, rest[:, :, None].expand(-1, -1, dim))
+        centers, labels, merged = _cluster(rest_feat, contextual, k, beta, no_beta)
+        frames = torch.arange(s, e + 1, device=device)[:, None]
+        cpos = rest.gather(1, centers)
+        carrier = frames * n + cpos
+        parts.add(merged.reshape(-1, dim), CONTEXTUAL, carrier.reshape(-1), cpos.reshape(-1), torch.tensor(w_i, device=device),
+                  carrier.reshape(-1))
+        parts.link(frames * n + rest, carrier.gather(1, labels))
+
+    cols = {key: torch.cat(value) for key, value in parts.cols.items()}
+    order = torch.argsort(cols["carrier"])
+    cols = {key: value[order] for key, value in cols.items()}
+    slot_of = torch.full((total,), -1, dtype=torch.long, device=device)
+    slot_of[cols["carrier"]] = torch.arange(order.numel(), device=device)
+    assign = torch.full((total,), -1, dtype=torch.long, device=device)
+    assign[torch.cat(parts.sources)] = slot_of[torch.cat(parts.targets)]
     return HoliTomResult(
-        tokens=tokens,
-        kind=cat(kind, torch.long),
-        src=cat(src, torch.long),
-        pos=cat(pos, torch.long),
-        window=cat(win, torch.long),
-        carrier=cat(carrier, torch.long),
+        tokens=cols["tokens"].to(features.dtype),
+        kind=cols["kind"],
+        src=cols["src"].long(),
+        pos=cols["pos"],
+        window=cols["window"],
+        carrier=cols["carrier"],
         windows=windows,
-        static_mask=torch.stack(static_masks),
+        static_mask=static_mask,
         total_reduced=reduced,
         retain_ratio=ratio,
-        assign=assign_slot,
+        assign=assign,
     )
 
 
@@ -432,18 +443,13 @@ class HoliTom(Policy):
 
     def compress(self, tokens: TokenSet) -> Compression:
         res = self.run(tokens)
-        order = torch.argsort(res.carrier)
-        keep = res.carrier[order]
-        slot_of = torch.empty_like(order)
-        slot_of[order] = torch.arange(order.numel(), device=order.device)
-        assign = torch.where(res.assign >= 0, slot_of[res.assign.clamp(min=0)], res.assign)
         info = {
             "windows": res.windows,
             "total_reduced": res.total_reduced,
             "retain_ratio": res.retain_ratio,
             "kinds": torch.bincount(res.kind, minlength=3).tolist(),
         }
-        return Compression(keep=keep, values=res.tokens[order], assign=assign, info=info)
+        return Compression(keep=res.carrier, values=res.tokens, assign=res.assign, info=info)
 
 
-__all__ = ["HoliTom", "HoliTomResult", "frame_similarity", "holitom_outer", "select_windows", "window_gains"]
+__all__ = ["HoliTom", "HoliTomResult", "holitom_outer", "select_windows", "static_runs", "window_gains"]
