@@ -89,42 +89,47 @@ class LlavaOnevisionAdapter(Adapter):
     def spans(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
         h, w = self.frame_grid(model)
         counts = None
-        frames = None
         pixels = call.inner_kwargs.get("pixel_values_videos")
         encoded = (call.inner_kwargs.get("mm_encoder_outputs") or {}).get("video")
         if pixels is not None:  # (videos, frames, C, H, W)
             counts = [pixels.shape[1] * h * w + 1] * pixels.shape[0]
-            frames = [pixels.shape[1]] * pixels.shape[0]
         elif encoded is not None:  # pre-encoded by generate: pooler_output (videos, F*h*w + 1, D)
             counts = [encoded.pooler_output.shape[1]] * encoded.pooler_output.shape[0]
-            frames = [(c - 1) // (h * w) for c in counts]
         spans = []
         for row, pos in split_videos(call.target, counts):
-            n_frames, rest = divmod(pos.numel() - 1, h * w)
-            if rest or n_frames < 1:
+            frames, rest = divmod(pos.numel() - 1, h * w)
+            if rest or frames < 1:
                 raise RuntimeError(f"a LLaVA-OneVision video span of {pos.numel()} tokens is not F*{h}*{w}+1")
-            spans.append(VideoSpan(row=row, positions=pos[:-1], grid=(n_frames, h, w), specials=pos[-1:]))
-        if frames is None:
-            frames = [s.grid[0] for s in spans]
-        for span, signals in zip(spans, self._video_signals(call, frames, (h, w))):
-            span.signals = signals
+            spans.append(VideoSpan(row=row, positions=pos[:-1], grid=(frames, h, w), specials=pos[-1:]))
+        self.attach_signals(spans, call, (h, w))
         return spans
 
-    def _video_signals(self, call: CallContext, frames: list[int], grid: tuple[int, int]) -> list[dict[str, Tensor]]:
-        """Per video, the captured signals of the last tower call (videos are encoded after images)."""
-        total = sum(frames)
-        out: list[dict[str, Tensor]] = [{} for _ in frames]
+    def attach_signals(self, spans: list[VideoSpan], call: CallContext, grid: tuple[int, int]) -> None:
+        """Per video, the signals captured in the last tower call (videos are encoded after images).
+
+        The tower sees every frame of every encoded video in one batch, so its rows split into videos
+        of ``F`` frames (all videos of a call have the same ``F``).
+        """
+        if not spans:
+            return
+        frames = spans[0].grid[0]
+        per_video: dict[str, list[Tensor]] = {}
         maps = call.captured.get("vision_attention_maps") or []
+        if maps:
+            for name, value in maps[-1].items():
+                per_video[name] = list(pool_patches(value, grid).split(frames))
         feats = call.captured.get("vision_features") or []
-        merged: dict[str, Tensor] = {}
-        if maps and next(iter(maps[-1].values())).shape[0] == total:
-            merged.update({name: pool_patches(v, grid) for name, v in maps[-1].items()})
-        if feats and feats[-1].shape[0] == total:
-            merged["vision_features"] = feats[-1]
-        for name, value in merged.items():
-            for i, part in enumerate(value.split(frames)):
-                out[i][name] = part
-        return out
+        if feats:
+            per_video["vision_features"] = list(feats[-1].split(frames))
+        for name, parts in per_video.items():
+            if parts[-1].shape[0] != frames:
+                continue  # not a whole number of videos: not this call's videos
+            index = encoded_order([s.row for s in spans], call.target.shape[0], len(parts))
+            if index is None:
+                continue
+            for span, i in zip(spans, index):
+                if span.grid[0] == frames:
+                    span.signals = {**span.signals, name: parts[i]}
 
 
 __all__ = ["LlavaOnevisionAdapter", "pool_patches"]

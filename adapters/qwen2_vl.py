@@ -3,8 +3,11 @@
 Each video is one contiguous run of ``video_token_id`` tokens: ``t * (H/m) * (W/m)`` merged patches
 in raster order over (temporal patch, row, column), ``m`` = spatial merge size, one temporal patch =
 ``temporal_patch_size`` (2) frames. Positions are M-RoPE ``[4, B, L]`` (text row + t/h/w rows).
-``generate`` encodes the video before the first forward and drops ``video_grid_thw``, so the grid is
-read by a pre-hook on the vision tower (``grid_thw``).
+
+The grid comes from ``video_grid_thw`` when the forward receives it. ``generate`` instead encodes the
+videos before the first forward, drops ``video_grid_thw`` and may repeat videos for beams, so there
+the per-video token counts come from the pre-encoded features and ``(h, w)`` from the height/width
+M-RoPE rows, which number each frame's tokens ``y`` and ``x`` from a common start.
 
 Signals (recomputed from the q/k of the LAST vision block on its captured input, per temporal patch,
 one value per merged token, in the LLM's raster order; Qwen2.5-VL's window permutation is undone):
@@ -27,14 +30,32 @@ from transformers import (
 )
 
 from .base import Adapter, CallContext, Capture, VideoSpan, split_videos
-from .vision_signals import mean_query_attention, mean_received_attention, project_qk
+from .vision_signals import encoded_order, mean_query_attention, mean_received_attention, project_qk
 
 ATTENTION_SIGNALS = ("vision_attention", "frame_query_attention")
 
 
-def _grid_thw(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor | None:
-    grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-    return None if grid is None else grid.detach().cpu()
+def grid_from_positions(position_ids: Tensor, row: int, pos: Tensor) -> tuple[int, int, int]:
+    """``(t, h, w)`` of one video from its M-RoPE height/width rows (first frame run gives h and w)."""
+    rows = position_ids[-3:, row, pos] if position_ids.dim() == 3 else None
+    if rows is None:
+        raise RuntimeError("M-RoPE position ids are needed to read a Qwen-VL video grid")
+    hs, ws = rows[1], rows[2]
+    gaps = torch.zeros(pos.numel(), dtype=torch.bool, device=pos.device)
+    gaps[1:] = pos[1:] != pos[:-1] + 1
+    first = pos.numel() if not bool(gaps.any()) else int(gaps.nonzero()[0])
+    h = int(hs[:first].max() - hs[:first].min()) + 1
+    w = int(ws[:first].max() - ws[:first].min()) + 1
+    t, rest = divmod(pos.numel(), h * w)
+    y = torch.arange(h, device=hs.device).repeat_interleave(w)
+    x = torch.arange(w, device=ws.device).repeat(h)
+    if rest == 0:
+        hs_f, ws_f = hs.reshape(t, h * w), ws.reshape(t, h * w)
+        if bool(((hs_f - hs_f.min(1, keepdim=True).values) == y).all()) and bool(
+            ((ws_f - ws_f.min(1, keepdim=True).values) == x).all()
+        ):
+            return t, h, w
+    raise RuntimeError(f"the M-RoPE positions of a {pos.numel()}-token video do not form a raster grid")
 
 
 class Qwen2VLAdapter(Adapter):
@@ -47,36 +68,36 @@ class Qwen2VLAdapter(Adapter):
         return [model.config.video_token_id]
 
     def captures(self, model: nn.Module, signals: frozenset[str]) -> list[Capture]:
-        visual = self.inner(model).visual
         wanted = [s for s in ATTENTION_SIGNALS if s in signals]
         if not wanted:
-            return [Capture("grid_thw", visual, _grid_thw)]
+            return []
+        visual = self.inner(model).visual
         merge = visual.config.spatial_merge_size
-        state: dict[str, Tensor | None] = {"grid": None}  # the grid of the tower call in progress
+        state: dict[str, Tensor | None] = {"grid": None}  # grid_thw of the tower call in progress
 
-        def grid(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Tensor | None:
-            state["grid"] = _grid_thw(module, args, kwargs, output)
-            return state["grid"]
+        def grid(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            value = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+            state["grid"] = None if value is None else value.detach().cpu()
 
-        def attention(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[dict[str, Tensor]]:
+        def attention(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[tuple[tuple, dict]]:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            cos, sin = kwargs["position_embeddings"]
-            return self._block_signals(visual, module, hidden, (cos, sin), state["grid"], merge, wanted)
+            rotary = kwargs.get("position_embeddings")
+            return self.block_signals(visual, module, hidden, rotary, state["grid"], merge, wanted)
 
-        return [Capture("grid_thw", visual, grid), Capture("vision_attention_maps", visual.blocks[-1], attention)]
+        return [Capture("vision_grid", visual, grid), Capture("vision_attention_maps", visual.blocks[-1], attention)]
 
-    def _block_signals(
+    def block_signals(
         self,
         visual: nn.Module,
         block: nn.Module,
         hidden: Tensor,
-        rotary: tuple[Tensor, Tensor],
+        rotary: tuple[Tensor, Tensor] | None,
         grid: Tensor | None,
         merge: int,
         wanted: list[str],
-    ) -> list[dict[str, Tensor]]:
-        """Per grid row (image or video) of one tower call: ``{signal: (t, n)}`` in raster order."""
-        if grid is None:
+    ) -> list[tuple[tuple, dict]]:
+        """Per grid row (image or video) of one tower call: ``((t, h, w), {signal: (t, n)})``, raster order."""
+        if grid is None or rotary is None:
             return []
         unit = merge * merge
         out, start = [], 0
@@ -92,55 +113,54 @@ class Qwen2VLAdapter(Adapter):
             if "vision_attention" in wanted:
                 values["vision_attention"] = mean_received_attention(qk).reshape(t, patches // unit, unit).mean(-1)
             order = self.unit_order(visual, (t, h, w))
-            out.append({k: v if order is None else v.reshape(-1)[order.to(v.device)].reshape(t, -1) for k, v in values.items()})
+            if order is not None:
+                values = {k: v.reshape(-1)[order.to(v.device)].reshape(t, -1) for k, v in values.items()}
+            out.append(((t, h // merge, w // merge), values))
             start = stop
         return out
 
     def unit_order(self, visual: nn.Module, grid: tuple[int, int, int]) -> Tensor | None:
-        """Index that puts one video's merge units from the tower's order into raster order (None: same)."""
+        """Index putting one video's merge units from the tower's order into raster order (None: same)."""
         return None
 
-    def video_grids(self, model: nn.Module, call: CallContext) -> list[tuple[tuple[int, int, int], dict[str, Tensor]]]:
-        """``((t, h, w) in merged tokens, signals)`` of every video of the call, in order."""
-        merge = model.config.vision_config.spatial_merge_size
-        given = call.inner_kwargs.get("video_grid_thw")
-        # every tower call's grid rows, with the signals captured for them (if any)
-        calls = call.captured.get("grid_thw", [])
-        maps = call.captured.get("vision_attention_maps", [])
-        seen: list[tuple[tuple[int, int, int], dict[str, Tensor]]] = []
-        for i, g in enumerate(calls):
-            if g is None:
-                continue
-            sig = maps[i] if i < len(maps) and len(maps[i]) == g.shape[0] else [{}] * g.shape[0]
-            seen += [(tuple(r), s) for r, s in zip(g.tolist(), sig)]
-        if given is not None:
-            rows = [tuple(r) for r in given.tolist()]
-            tail = seen[-len(rows) :] if len(seen) >= len(rows) else []
-            sigs = [s for r, s in tail] if [r for r, _ in tail] == rows else [{}] * len(rows)
-            pairs = list(zip(rows, sigs))
-        else:
-            # Images and videos share the tower; videos are encoded last, so take grids from the end
-            # until they account for every video placeholder.
-            need, pairs = int(call.target.sum()), []
-            while seen and need > 0:
-                (t, h, w), sig = seen.pop()
-                pairs.insert(0, ((t, h, w), sig))
-                need -= t * h * w // merge**2
-            if need != 0:
-                raise RuntimeError(
-                    f"{self.name}: could not match the vision tower's grids to {int(call.target.sum())} video tokens"
-                )
-        return [((t, h // merge, w // merge), sig) for (t, h, w), sig in pairs]
+    def attach_signals(self, spans: list[VideoSpan], call: CallContext) -> None:
+        """Give each span the signals captured for its video in the last tower call (videos come last)."""
+        maps = call.captured.get("vision_attention_maps") or []
+        if not maps or not spans:
+            return
+        encoded = maps[-1]
+        index = encoded_order([s.row for s in spans], call.target.shape[0], len(encoded))
+        if index is None:
+            return
+        for span, i in zip(spans, index):
+            grid, values = encoded[i]
+            if tuple(grid) == tuple(span.grid):
+                span.signals = {**span.signals, **values}
 
     def spans(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
-        videos = self.video_grids(model, call)
+        merge = model.config.vision_config.spatial_merge_size
         step = model.config.vision_config.temporal_patch_size
-        located = split_videos(call.target, [t * h * w for (t, h, w), _ in videos])
+        given = call.inner_kwargs.get("video_grid_thw")
+        encoded = (call.inner_kwargs.get("mm_encoder_outputs") or {}).get("video")
+        grids: list[tuple[int, int, int]] | None = None
+        counts: list[int] | None = None
+        if given is not None:
+            grids = [(t, h // merge, w // merge) for t, h, w in given.tolist()]
+            counts = [t * h * w for t, h, w in grids]
+        elif encoded is not None and not isinstance(encoded.pooler_output, Tensor):
+            counts = [len(out) for out in encoded.pooler_output]
+        located = split_videos(call.target, counts)
+        if grids is None:
+            if call.position_ids is None:
+                raise RuntimeError(f"{self.name}: no video_grid_thw and no M-RoPE positions to read the grid from")
+            grids = [grid_from_positions(call.position_ids, row, pos) for row, pos in located]
         empty = torch.zeros(0, dtype=torch.long, device=call.target.device)
-        return [
-            VideoSpan(row=row, positions=pos, grid=grid, specials=empty, frames_per_step=step, signals=dict(sig))
-            for (row, pos), (grid, sig) in zip(located, videos)
+        spans = [
+            VideoSpan(row=row, positions=pos, grid=grid, specials=empty, frames_per_step=step)
+            for (row, pos), grid in zip(located, grids)
         ]
+        self.attach_signals(spans, call)
+        return spans
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):

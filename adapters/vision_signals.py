@@ -196,8 +196,37 @@ def feature_layer(encoder_layers: nn.ModuleList, feature_layer_index: int | list
     return None if position == 0 else encoder_layers[position - 1]
 
 
+def encoded_order(span_rows: list[int], batch: int, encoded: int) -> list[int] | None:
+    """For each located video (batch row ``span_rows[i]``, in order), the index of the video the tower
+    encoded for it, or None when that cannot be told.
+
+    ``generate`` encodes every video once, then for beams / ``num_return_sequences`` repeats each batch
+    row ``r`` times (``repeat_interleave``) and each row's group of videos with it, so row ``b`` of the
+    language-model batch holds the videos of input row ``b // r``.
+    """
+    videos = len(span_rows)
+    if videos == encoded:
+        return list(range(videos))
+    if encoded == 0 or videos % encoded or batch % (videos // encoded):
+        return None
+    r = videos // encoded
+    per_row = [span_rows.count(b) for b in range(batch)]
+    counts = per_row[::r]
+    if any(per_row[b] != counts[b // r] for b in range(batch)) or sum(counts) != encoded:
+        return None
+    prefix = [0]
+    for c in counts:
+        prefix.append(prefix[-1] + c)
+    out, seen = [], [0] * batch
+    for row in span_rows:
+        out.append(prefix[row // r] + seen[row])
+        seen[row] += 1
+    return out
+
+
 __all__ = [
     "MAX_BLOCK",
+    "encoded_order",
     "QK",
     "attention_rows",
     "feature_layer",
