@@ -3,15 +3,28 @@ tokens per frame = ``(image_size // patch_size * downsample_ratio) ** 2`` after 
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 from transformers import InternVLForConditionalGeneration, InternVLModel
 
 from .frames_as_images import FramesAsImagesAdapter
+from .vision_signals import encoder_layers, feature_layer
 
 
 class InternVLAdapter(FramesAsImagesAdapter):
     name = "internvl"
     model_classes = (InternVLForConditionalGeneration, InternVLModel)
+    cls_token = True  # InternViT prepends a CLS token; the "default" strategy drops it
+
+    def signal_layer(self, model: nn.Module) -> nn.Module | None:
+        inner = self.inner(model)
+        return feature_layer(encoder_layers(inner.vision_tower), inner.config.vision_feature_layer)
+
+    def pool(self, model: nn.Module, values: Tensor) -> Tensor:
+        """The model's own pixel shuffle on a one-channel map, then the mean of each merged group."""
+        inner = self.inner(model)
+        side = int(round(values.shape[1] ** 0.5))
+        shuffled = inner.pixel_shuffle(values.reshape(-1, side, side, 1).float(), scale_factor=inner.config.downsample_ratio)
+        return shuffled.reshape(values.shape[0], -1, shuffled.shape[-1]).mean(-1)
 
     def tokens_per_image(self, model: nn.Module) -> int:
         vision = model.config.vision_config

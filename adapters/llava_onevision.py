@@ -19,14 +19,8 @@ from torch import Tensor, nn
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
 
 from .base import Adapter, CallContext, Capture, VideoSpan, split_videos
-from .vision_signals import feature_layer, mean_query_attention, mean_received_attention, project_qk
-
-ATTENTION_SIGNALS = ("vision_attention", "frame_query_attention")
-
-
-def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
-    inner = getattr(tower, "vision_model", tower)
-    return inner.encoder.layers
+from .vision_signals import ATTENTION_SIGNALS, attach_frame_signals, encoded_order, encoder_layers, feature_layer
+from .vision_signals import layer_attention_capture
 
 
 def pool_patches(values: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -60,23 +54,12 @@ class LlavaOnevisionAdapter(Adapter):
         if not wanted and "vision_features" not in signals:
             return []
         inner = self.inner(model)
-        layer = feature_layer(_encoder_layers(inner.vision_tower), inner.config.vision_feature_layer)
+        layer = feature_layer(encoder_layers(inner.vision_tower), inner.config.vision_feature_layer)
         if layer is None:
             return []
         out = []
         if wanted:
-
-            def attention(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> dict[str, Tensor]:
-                hidden = kwargs.get("hidden_states", args[0] if args else None)
-                qk = project_qk(module, hidden)
-                values = {}
-                if "vision_attention" in wanted:
-                    values["vision_attention"] = mean_received_attention(qk)
-                if "frame_query_attention" in wanted:
-                    values["frame_query_attention"] = mean_query_attention(qk)
-                return values
-
-            out.append(Capture("vision_attention_maps", layer, attention, when="pre"))
+            out.append(Capture("vision_attention_maps", layer, layer_attention_capture(wanted, cls_token=False)))
         if "vision_features" in signals:
 
             def features(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Tensor:
@@ -112,24 +95,15 @@ class LlavaOnevisionAdapter(Adapter):
         """
         if not spans:
             return
-        frames = spans[0].grid[0]
-        per_video: dict[str, list[Tensor]] = {}
-        maps = call.captured.get("vision_attention_maps") or []
-        if maps:
-            for name, value in maps[-1].items():
-                per_video[name] = list(pool_patches(value, grid).split(frames))
+        attach_frame_signals(spans, call, lambda v: pool_patches(v, grid))
         feats = call.captured.get("vision_features") or []
-        if feats:
-            per_video["vision_features"] = list(feats[-1].split(frames))
-        for name, parts in per_video.items():
-            if parts[-1].shape[0] != frames:
-                continue  # not a whole number of videos: not this call's videos
+        frames = spans[0].grid[0]
+        if feats and feats[-1].shape[0] % frames == 0:
+            parts = feats[-1].split(frames)
             index = encoded_order([s.row for s in spans], call.target.shape[0], len(parts))
-            if index is None:
-                continue
-            for span, i in zip(spans, index):
+            for span, i in zip(spans, index or []):
                 if span.grid[0] == frames:
-                    span.signals = {**span.signals, name: parts[i]}
+                    span.signals = {**span.signals, "vision_features": parts[i]}
 
 
 __all__ = ["LlavaOnevisionAdapter", "pool_patches"]

@@ -4,15 +4,25 @@ tokens per frame = ``(image_size // patch_size) ** 2 // scale_factor ** 2``. The
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 from transformers import SmolVLMForConditionalGeneration, SmolVLMModel
 
 from .frames_as_images import FramesAsImagesAdapter
+from .vision_signals import encoder_layers
 
 
 class SmolVLMAdapter(FramesAsImagesAdapter):
     name = "smolvlm"
     model_classes = (SmolVLMForConditionalGeneration, SmolVLMModel)
+
+    def signal_layer(self, model: nn.Module) -> nn.Module | None:
+        return encoder_layers(self.inner(model).vision_model)[-1]  # features = the last layer (+ post-norm)
+
+    def pool(self, model: nn.Module, values: Tensor) -> Tensor:
+        """The connector's own pixel shuffle on a one-channel map, then the mean of each merged group."""
+        connector = self.inner(model).connector
+        shuffled = connector.pixel_shuffle(values[:, :, None].float(), connector.scale_factor)
+        return shuffled.mean(-1)
 
     def language_model(self, model: nn.Module) -> nn.Module:
         return self.inner(model).text_model

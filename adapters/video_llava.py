@@ -4,6 +4,10 @@ Videos go through a separate ``video_tower`` (CLIP) and the projector WITHOUT dr
 frame contributes ``1 + g * g`` tokens: its CLS token first, then the ``g x g`` patch grid
 (``g = image_size // patch_size``, 16 for CLIP-L/14 at 224). The CLS tokens are specials: the engine
 keeps them and policies see only the patch grids. Positions are 1-D.
+
+Signals (captured on the ``video_tower`` layer the features come from, ``vision_feature_layer``):
+``"vision_attention"`` (attention each patch receives, mean over heads and queries) and
+``"frame_query_attention"`` (the CLS query's attention over the patches), on the patch grid itself.
 """
 
 from __future__ import annotations
@@ -11,12 +15,23 @@ from __future__ import annotations
 from torch import nn
 from transformers import VideoLlavaForConditionalGeneration, VideoLlavaModel
 
-from .base import Adapter, CallContext, VideoSpan, split_videos
+from .base import Adapter, CallContext, Capture, VideoSpan, split_videos
+from .vision_signals import ATTENTION_SIGNALS, attach_frame_signals, encoder_layers, feature_layer
+from .vision_signals import layer_attention_capture
 
 
 class VideoLlavaAdapter(Adapter):
     name = "video_llava"
     model_classes = (VideoLlavaForConditionalGeneration, VideoLlavaModel)
+    signals = frozenset(ATTENTION_SIGNALS)
+
+    def captures(self, model: nn.Module, signals: frozenset[str]) -> list[Capture]:
+        wanted = [s for s in ATTENTION_SIGNALS if s in signals]
+        inner = self.inner(model)
+        layer = feature_layer(encoder_layers(inner.video_tower), inner.config.vision_feature_layer) if wanted else None
+        if layer is None:
+            return []
+        return [Capture("vision_attention_maps", layer, layer_attention_capture(wanted, cls_token=True))]
 
     def placeholder_ids(self, model: nn.Module) -> list[int]:
         return [model.config.video_token_id]
@@ -40,6 +55,7 @@ class VideoLlavaAdapter(Adapter):
             spans.append(
                 VideoSpan(row=row, positions=by_frame[:, 1:].reshape(-1), grid=(frames, h, w), specials=by_frame[:, 0])
             )
+        attach_frame_signals(spans, call, lambda v: v)
         return spans
 
 

@@ -20,9 +20,13 @@ Everything is computed in float32 under ``torch.no_grad()``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+#: Signals the layer captures below can provide.
+ATTENTION_SIGNALS = ("vision_attention", "frame_query_attention")
 
 #: Largest number of attention probabilities materialised at once (2**26 floats = 256 MiB).
 MAX_BLOCK = 1 << 26
@@ -224,8 +228,76 @@ def encoded_order(span_rows: list[int], batch: int, encoded: int) -> list[int] |
     return out
 
 
+def encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    """The list of encoder layers of a HF vision tower (``encoder.layers`` or ``encoder.layer``)."""
+    inner = getattr(tower, "vision_model", tower)
+    encoder = inner.encoder
+    layers = getattr(encoder, "layers", None)
+    return layers if layers is not None else encoder.layer
+
+
+def layer_attention_capture(wanted: list[str], cls_token: bool) -> Callable[[nn.Module, tuple, dict, Any], dict[str, Tensor]]:
+    """A pre-hook capture function for one encoder layer, returning ``{signal: (B, P)}``.
+
+    ``"vision_attention"``: attention each patch receives (mean over heads and all queries, CLS
+    queries included). ``"frame_query_attention"``: attention of one pooled query per image over its
+    patches, the CLS query when the tower has one (``cls_token``), else the mean of all queries.
+    With ``cls_token`` the CLS column is dropped, so ``P`` counts patches only.
+    """
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> dict[str, Tensor]:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        qk = project_qk(module, hidden)
+        values = {}
+        if "vision_attention" in wanted:
+            received = mean_received_attention(qk)
+            values["vision_attention"] = received[:, 1:] if cls_token else received
+        if "frame_query_attention" in wanted:
+            if cls_token:
+                row = attention_rows(qk, torch.zeros(1, dtype=torch.long, device=qk.q.device))
+                values["frame_query_attention"] = row[:, :, 0, 1:].mean(dim=1)
+            else:
+                values["frame_query_attention"] = mean_query_attention(qk)
+        return values
+
+    return capture
+
+
+def attach_frame_signals(spans: list[Any], call: Any, pool: Callable[[Tensor], Tensor], name: str = "vision_attention_maps") -> None:
+    """Give every span the per-frame signals of the last tower call, pooled onto its token grid.
+
+    The last call of the vision tower encodes every frame of every video at once (videos are encoded
+    after images), ``(B, P)`` per signal; ``pool`` maps that to ``(B, h*w)`` the way the model pools
+    its features. All spans must have the same frame count ``F``; the rows split into videos of ``F``
+    frames, matched to the spans by :func:`encoded_order`. Anything that does not fit is left out
+    (the policy then uses its documented substitute).
+    """
+    maps = call.captured.get(name) or []
+    if not spans or not maps or not isinstance(maps[-1], dict):
+        return
+    frames = spans[0].grid[0]
+    if any(s.grid[0] != frames for s in spans):
+        return
+    for signal, value in maps[-1].items():
+        if value.shape[0] % frames:
+            continue
+        pooled = pool(value)
+        if pooled.shape[1] != spans[0].grid[1] * spans[0].grid[2]:
+            continue
+        parts = pooled.split(frames)
+        index = encoded_order([s.row for s in spans], call.target.shape[0], len(parts))
+        if index is None:
+            continue
+        for span, i in zip(spans, index):
+            span.signals = {**span.signals, signal: parts[i]}
+
+
 __all__ = [
+    "ATTENTION_SIGNALS",
     "MAX_BLOCK",
+    "attach_frame_signals",
+    "encoder_layers",
+    "layer_attention_capture",
     "encoded_order",
     "QK",
     "attention_rows",
