@@ -194,7 +194,7 @@ def feature_layer(encoder_layers: nn.ModuleList, feature_layer_index: int | list
     """
     index = feature_layer_index[-1] if isinstance(feature_layer_index, (list, tuple)) else feature_layer_index
     count = len(encoder_layers)
-    position = index if index > 0 else count + 1 + index  # position in hidden_states
+    position = index if index >= 0 else count + 1 + index  # position in hidden_states
     if not 0 <= position <= count:
         raise ValueError(f"vision feature layer {index} is outside a tower of {count} layers")
     return None if position == 0 else encoder_layers[position - 1]
