@@ -78,7 +78,7 @@ def test_video_budget_is_int_n_retain_per_frame():
     assert out.keep.numel() == 12 * int(169 * 0.1)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     t=st.integers(1, 6),
     h=st.integers(1, 5),

@@ -59,7 +59,7 @@ def test_matches_reference_transcription(params):
     torch.testing.assert_close(got, want_tokens, atol=1e-5, rtol=0)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(t=st.integers(1, 12), n=st.integers(1, 9), p=st.floats(0, 1), width=st.integers(1, 13), seed=st.integers(0, 999))
 def test_window_dp_equals_reference_loops(t, n, p, width, seed):
     rng = np.random.default_rng(seed)
@@ -84,7 +84,7 @@ def test_budget_follows_the_spec():
     assert r == min(0.15 / ((12 * 196 - res.total_reduced) / (12 * 196)), 1)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     t=st.integers(1, 7),
     h=st.integers(1, 5),
