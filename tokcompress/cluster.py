@@ -214,26 +214,42 @@ def nearest_center(x: Tensor, centers: Tensor, dist: Tensor | None = None, *, ma
 
 
 def cluster_sums(x: Tensor, labels: Tensor, k: int, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per-cluster sums and counts: ``x`` ``(..., M, D)``, ``labels`` ``(..., M)`` in ``[0, k)``.
+    """Per-cluster sums and counts.
 
-    Returns ``(sums (..., k, D), counts (..., k))`` in ``x``'s dtype; ``weight`` ``(..., M)`` (0/1)
-    excludes tokens. On CPU this is an ``index_add_`` (O(M*D)); on accelerators a one-hot matmul,
-    which is deterministic (``index_add_`` uses atomics there).
+    Args:
+        x: ``(..., M, D)`` tokens, batched like ``labels``, or one shared ``(M, D)`` (or ``(1, M, D)``)
+            for all rows.
+        labels: ``(..., M)`` int64 cluster of each token, in ``[0, k)``.
+        weight: optional ``(..., M)`` bool; False excludes the token.
+
+    Returns ``(sums (..., k, D), counts (..., k))`` in ``x``'s dtype. On CPU these are ``index_add_``
+    (``O(M * D)`` per row, no ``(M, k)`` one-hot); on accelerators a one-hot matmul, which is
+    deterministic there (``index_add_`` uses atomics).
     """
+    if weight is not None:  # excluded tokens go to a dummy cluster k, dropped at the end
+        labels = torch.where(weight.bool(), labels, torch.full_like(labels, k))
+    kk = k + (weight is not None)
     lead = labels.shape[:-1]
-    m, d = x.shape[-2], x.shape[-1]
-    x = x.expand(*lead, m, d)
-    w = torch.ones(labels.shape, dtype=x.dtype, device=x.device) if weight is None else weight.to(x.dtype)
+    d = x.shape[-1]
+    if x.dim() > 2 and math.prod(x.shape[:-2]) == 1:
+        x = x.reshape(x.shape[-2], d)  # one token set for every row of labels
+    shared = x.dim() == 2 and labels.dim() > 1
     if x.device.type == "cpu":
-        batch = int(math.prod(lead)) if lead else 1
-        offset = (torch.arange(batch, device=x.device) * k).reshape(*lead, 1) if lead else 0
-        flat = (labels + offset).reshape(-1)
-        sums = torch.zeros(batch * k, d, dtype=x.dtype, device=x.device)
-        sums.index_add_(0, flat, (x * w[..., None]).reshape(-1, d) if weight is not None else x.reshape(-1, d))
-        counts = torch.zeros(batch * k, dtype=x.dtype, device=x.device).index_add_(0, flat, w.reshape(-1))
-        return sums.reshape(*lead, k, d), counts.reshape(*lead, k)
-    one_hot = torch.nn.functional.one_hot(labels, k).to(x.dtype) * w[..., None]
-    return one_hot.transpose(-1, -2) @ x, one_hot.sum(dim=-2)
+        rows = labels.reshape(-1, labels.shape[-1])
+        sums = torch.zeros(rows.shape[0], kk, d, dtype=x.dtype, device=x.device)
+        if shared:
+            for r in range(rows.shape[0]):
+                sums[r].index_add_(0, rows[r], x)
+        else:
+            offset = torch.arange(rows.shape[0], device=x.device)[:, None] * kk
+            sums.view(-1, d).index_add_(0, (rows + offset).reshape(-1), x.reshape(-1, d))
+        counts = torch.zeros(rows.shape[0], kk, dtype=x.dtype, device=x.device)
+        counts.scatter_add_(1, rows, torch.ones_like(rows, dtype=x.dtype))
+        sums, counts = sums.reshape(*lead, kk, d), counts.reshape(*lead, kk)
+    else:
+        one_hot = torch.nn.functional.one_hot(labels, kk).to(x.dtype)
+        sums, counts = one_hot.transpose(-1, -2) @ x, one_hot.sum(dim=-2)
+    return sums[..., :k, :], counts[..., :k]
 
 
 __all__ = ["DPCResult", "cluster_sums", "dpc_density", "dpc_knn", "dpc_parent_distance", "nearest_center", "scaled_cdist", "top_scores"]
