@@ -16,7 +16,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -100,19 +99,36 @@ def cases(policy: str, frames: int, dim: int, device: str):
     raise ValueError(policy)
 
 
+_MEMORY_PROBE = """
+import json, sys, torch
+sys.path.insert(0, {here!r})
+import fastholi_speed as b
+ref, ours = b.cases({policy!r}, {frames}, {dim}, {device!r})
+fn = ref if {which!r} == "reference" else ours
+if {device!r}.startswith("cuda"):
+    torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
+    fn(); torch.cuda.synchronize()
+    print(json.dumps((torch.cuda.max_memory_allocated() - base) / 2**20))
+else:
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    import gc; gc.collect()
+    base = status("VmRSS:")
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    fn()
+    print(json.dumps(status("VmHWM:") - base))
+"""
+
+
 def peak_extra_mb(policy: str, frames: int, dim: int, device: str, which: str) -> float:
-    """Extra peak memory (MiB) of one call, measured in a fresh subprocess (CPU) or by CUDA stats."""
-    code = (
-        "import sys, json, resource, torch; sys.path.insert(0, %r); import fastholi_speed as b;"
-        "ref, ours = b.cases(%r, %d, %d, %r); fn = ref if %r == 'reference' else ours;"
-        "dev = %r\n"
-        "if dev.startswith('cuda'):\n"
-        "    torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats(); fn();"
-        " torch.cuda.synchronize(); print(json.dumps((torch.cuda.max_memory_allocated() - base) / 2**20))\n"
-        "else:\n"
-        "    import gc; gc.collect(); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; fn();"
-        " print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))\n"
-    ) % (str(HERE), policy, frames, dim, device, which, device)
+    """Extra peak memory (MiB) of one call beyond its inputs, in a fresh subprocess.
+
+    CUDA: ``max_memory_allocated`` growth. CPU: growth of the peak resident set (Linux ``VmHWM``,
+    reset just before the call), which includes allocator caching, so it is an upper bound.
+    """
+    code = _MEMORY_PROBE.format(here=str(HERE), policy=policy, frames=frames, dim=dim, device=device, which=which)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True)
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
