@@ -156,3 +156,19 @@ def test_parameter_errors():
             HoliTom(**bad)
     with pytest.raises(ValueError, match="layout must be"):
         holitom_outer(*video(2, 4, 3), 0.5, 0.8).emitted("frame", (2, 2))
+
+
+def test_inner_stage_is_chained_after_the_outer_part():
+    from dataclasses import dataclass as dc
+
+    @dc
+    class Inner(tc.Policy):
+        stage = "layer"
+
+    inner = Inner(retain=0.5)
+    policy = HoliTom(retain=0.2, inner=inner)
+    assert policy.stages() == [policy, inner]
+    with pytest.raises(ValueError, match="stage 'layer'"):
+        HoliTom(inner=HoliTom())
+    with pytest.raises(TypeError, match="inner must be a Policy"):
+        HoliTom(inner="holitom_inner")

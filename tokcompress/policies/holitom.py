@@ -364,6 +364,8 @@ class HoliTom(Policy):
         k: DPC-kNN neighbours, used as ``min(k, clusters)`` [``K``].
         max_window_size: longest temporal window in frames [``MAX_WINDOW_SIZE``].
         no_beta: merge clusters by a plain mean instead of ``beta`` mixing [``NO_BETA`` != "0"].
+        inner: optional in-LLM stage (HoliTom's step 4, ``HOLITOM_k``/``HOLITOM_r``: a ``stage="layer"``
+            policy) chained after this one; :meth:`stages` lists it, the engine runs it inside the LM.
         preset: ``"auto"`` (from ``TokenSet.layout``), ``"llava_onevision"``, ``"llava_video"`` or
             ``"generic"``: only sets the default ``tau`` (OneVision 0.65 at ``retain <= 0.10``, else 0.80;
             LLaVA-Video and generic 0.80). HF's LLaVA-Video checkpoints load as LLaVA-OneVision, so
@@ -382,6 +384,7 @@ class HoliTom(Policy):
     max_window_size: int = 1024
     no_beta: bool = False
     preset: str = "auto"
+    inner: Policy | None = None
 
     optional_needs: ClassVar[frozenset[str]] = frozenset({"vision_attention"})
     accepts_partial = False
@@ -400,6 +403,19 @@ class HoliTom(Policy):
             raise ValueError(f"max_window_size must be a positive int (frames); got {self.max_window_size!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}; got {self.preset!r}")
+        if self.inner is not None:
+            if not isinstance(self.inner, Policy):
+                raise TypeError(f"inner must be a Policy (HoliTom's in-LLM stage); got {type(self.inner).__name__}")
+            if self.inner.stage == "input":
+                raise ValueError("inner must act inside the language model (stage 'layer'); chain input policies with Sequential")
+
+    def stages(self) -> list[Policy]:
+        """This outer part, then the in-LLM stage when one is chained (``inner``)."""
+        return [self] + ([] if self.inner is None else self.inner.stages())
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset() if self.inner is None else frozenset(self.inner.needs)
 
     def resolved_tau(self, layout: str = "generic") -> float:
         """``tau``, or the preset's default for ``layout`` when ``tau`` is None."""
