@@ -172,3 +172,12 @@ def test_inner_stage_is_chained_after_the_outer_part():
         HoliTom(inner=HoliTom())
     with pytest.raises(TypeError, match="inner must be a Policy"):
         HoliTom(inner="holitom_inner")
+
+
+def test_never_returns_an_empty_video():
+    feats = torch.ones(4, 1, 3)  # one static position, static over all frames: round(1 * r') == 0
+    attn = torch.ones(4, 1)
+    res = holitom_outer(feats, attn, 0.01, 0.5)
+    assert res.windows == [(0, 3)] and res.tokens.shape[0] == 1
+    out = HoliTom(retain=0.01)(TokenSet(feats, (4, 1, 1), signals={"vision_attention": attn}))
+    assert out.keep.tolist() == [0]

@@ -257,6 +257,9 @@ def holitom_outer(
         features: ``(T, n, D)`` tokens (any float dtype; similarities and clustering in float32).
         attention: ``(T, n)`` attention each token receives (only its order within a frame matters).
         retain, tau, beta, d, k, max_window_size, no_beta: see :class:`HoliTom`.
+
+    If the reference's rounding would keep no token at all (only possible for grids of a few tokens
+    at a tiny ``retain``), the highest-attention token of the first frame is kept.
     """
     t, n, dim = features.shape
     device = features.device
@@ -327,6 +330,10 @@ def holitom_outer(
                   carrier.reshape(-1))
         parts.link(frames * n + rest, carrier.gather(1, labels))
 
+    if sum(c.numel() for c in parts.cols["carrier"]) == 0:  # nothing survived the rounding (tiny grids, tiny retain): keep one token
+        p0 = attention[0].float().argmax().to(device)
+        parts.add(feats[0, p0][None], DOMINANT, p0[None], p0[None], torch.tensor(0, device=device), p0[None])
+        parts.link(p0[None], p0[None])
     cols = {key: torch.cat(value) for key, value in parts.cols.items()}
     order = torch.argsort(cols["carrier"])
     cols = {key: value[order] for key, value in cols.items()}
