@@ -289,22 +289,24 @@ def _per_segment(feats: Tensor, attn: Tensor, g: Tensor, segs: list[tuple[int, i
         if not seg_anchors:
             continue
         # Sources of an anchor: the segment's non-salient tokens except its own centres. All anchors of
-        # the segment at once, centre lists padded to the longest.
-        pool = flat[s : e + 1][~salient[s : e + 1]]  # (S,) ascending
-        xs = x[pool]
+        # the segment at once (centre lists padded to the longest), on a view of the segment's tokens.
+        lo = s * n
+        xs = x[lo : (e + 1) * n]  # (S, D), no copy
         sizes = [centres[f].numel() for f in seg_anchors]
         width = max(sizes)
         pad = torch.stack([torch.cat([centres[f], centres[f][:1].expand(width - c)]) for f, c in zip(seg_anchors, sizes)])
         valid = torch.arange(width, device=device)[None, :] < torch.tensor(sizes, device=device)[:, None]
         target = x[pad]  # (A, width, D)
         # cosine argmax over the anchor's centres (the source's own norm does not change it)
-        sim = (xs[None] @ _unit(target).transpose(1, 2)).masked_fill(~valid[:, None, :], -math.inf)
+        sim = (xs @ _unit(target).transpose(1, 2)).masked_fill(~valid[:, None, :], -math.inf)
         label = sim.argmax(dim=2)  # (A, S): ties go to the lower (ascending) centre
-        is_src = ~(pool[None, :, None] == pad[:, None, :]).any(dim=2)  # (A, S)
-        merged = _merge(target, xs[None], label, p.DTM_beta, width, weight=is_src)
+        is_src = (~salient[s : e + 1].reshape(1, -1)).repeat(len(seg_anchors), 1)
+        is_src.scatter_(1, pad - lo, False)  # an anchor's own centres are not its sources
+        merged = _merge(target, xs, label, p.DTM_beta, width, weight=is_src)
         out.add(pad[valid], merged[valid])
         for row in range(len(seg_anchors)):
-            out.link(pool[is_src[row]], pad[row, label[row, is_src[row]]])
+            src = is_src[row].nonzero().squeeze(1)
+            out.link(src + lo, pad[row, label[row, src]])
     return out
 
 
