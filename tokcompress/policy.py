@@ -98,7 +98,8 @@ class Sequential(Policy):
                 raise ValueError(
                     f"policy {child.name!r} needs the full frame grid and cannot follow another policy; put it first"
                 )
-        self.retain = math.prod(p.retain for p in self.policies if p.stage == "input")
+        # Threshold-controlled policies (retain None) count as 1: their kept fraction is data-dependent.
+        self.retain = math.prod(p.retain for p in self.policies if p.stage == "input" and p.retain is not None)
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]

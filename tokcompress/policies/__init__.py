@@ -1,5 +1,9 @@
 """Built-in policies. Importing this package registers them."""
 
 from .baselines import Frames, KeepAll, Pool, RandomKeep, Uniform
+from .llava_scissor import LlavaScissor
+from .sttm import STTM
+from .ts_llava import TSLLaVA
+from .vidcom2 import VidCom2
 
-__all__ = ["Frames", "KeepAll", "Pool", "RandomKeep", "Uniform"]
+__all__ = ["Frames", "KeepAll", "LlavaScissor", "Pool", "RandomKeep", "STTM", "TSLLaVA", "Uniform", "VidCom2"]
