@@ -2,7 +2,7 @@
 
 Per frame the CLIP patch grid (CLS dropped by the "default" feature strategy) is pooled by the
 ``vision_resampler`` with stride ``spatial_pool_stride`` and projected; the span holds ``F * h * w``
-tokens, no newline for videos. Positions are 1-D.
+tokens, no newline for videos. Positions are 1-D. Signals: TS-LLaVA thumbnails (``adapters/thumbnail.py``).
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ import torch
 from torch import nn
 from transformers import LlavaNextVideoForConditionalGeneration, LlavaNextVideoModel
 
-from .base import Adapter, CallContext, VideoSpan, split_videos
+from .base import Adapter, CallContext, Capture, VideoSpan, split_videos
+from .thumbnail import THUMBNAIL_SIGNALS, ThumbnailSupport
 
 
-class LlavaNextVideoAdapter(Adapter):
+class LlavaNextVideoAdapter(ThumbnailSupport, Adapter):
     name = "llava_next_video"
     model_classes = (LlavaNextVideoForConditionalGeneration, LlavaNextVideoModel)
+    signals = THUMBNAIL_SIGNALS
 
     def placeholder_ids(self, model: nn.Module) -> list[int]:
         return [model.config.video_token_id]
@@ -26,6 +28,9 @@ class LlavaNextVideoAdapter(Adapter):
         vision = model.config.vision_config
         side = (vision.image_size // vision.patch_size) // model.config.spatial_pool_stride
         return side, side
+
+    def captures(self, model: nn.Module, signals: frozenset[str]) -> list[Capture]:
+        return self.thumbnail_captures(model, signals)
 
     def spans(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
         h, w = self.frame_grid(model)
@@ -43,6 +48,7 @@ class LlavaNextVideoAdapter(Adapter):
             if rest or frames < 1:
                 raise RuntimeError(f"a LLaVA-NeXT-Video span of {pos.numel()} tokens is not F*{h}*{w}")
             spans.append(VideoSpan(row=row, positions=pos, grid=(frames, h, w), specials=empty))
+        self.attach_thumbnails(model, call, spans, [s.grid[0] for s in spans])
         return spans
 
 

@@ -30,6 +30,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..errors import MissingSignalError
 from ..policy import Policy, keep_count
 from ..registry import register
 from ..tokens import Compression, TokenSet, selection
@@ -95,7 +96,10 @@ class TSLLaVA(Policy):
         name = thumbnail_signal(self.thumbnail_frames)
         thumb = tokens.signals.get(name)
         if thumb is None:
-            raise ValueError(f"policy {self.label} needs the {name!r} signal, which this token set does not carry")
+            raise MissingSignalError(
+                f"policy {self.label} needs the {name!r} signal: the adapter encodes the thumbnail from the frames it sees "
+                "in the same call (pass pixel_values_videos, not pre-computed features)"
+            )
         m = thumb.shape[0]
         k = total - m
         if k < 1:
