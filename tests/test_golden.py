@@ -97,11 +97,42 @@ def _sttm(case: Case) -> Outputs:
     }
 
 
+def _visionzip(case: Case) -> Outputs:
+    from tokcompress.policies.visionzip import VisionZip, visionzip
+    from tokcompress.tokens import TokenSet
+
+    inputs, p = case["inputs"], case["params"]
+    features, cls = inputs["features"], inputs["cls"]
+    t, h, w, d = features.shape
+    n = h * w
+    saliency = inputs["cls_attn"][:, :, 1:].sum(1)  # CLS row summed over heads
+    keys = inputs["keys"].mean(1)[:, 1:]  # keys averaged over heads, patches only
+    x = features.reshape(t, n, d)
+    dom_patches, ctx = p["dominant"] - 1, p["contextual"]  # the reference's dominant counts CLS
+    res = visionzip(saliency, keys, x, dom_patches, ctx)
+    signals = {"vision_saliency": saliency, "vision_keys": keys}
+    policy = VisionZip(dominant=dom_patches, contextual=ctx)(TokenSet(features=features, grid=(t, h, w), signals=signals))
+    assert torch.equal(policy.keep, res.keep)
+    frame = torch.arange(t)[:, None] * n
+    tokens = torch.cat([torch.cat([cls[:, None], x.gather(1, res.dominant[..., None].expand(-1, -1, d)), res.contextual], 1)])
+    kind = torch.tensor([0] + [1] * dom_patches + [2] * ctx).repeat(t)
+    src = torch.cat([torch.full((t, 1), -1), res.dominant + frame, res.targets + frame], 1)
+    return {
+        "tokens": tokens.reshape(-1, d),
+        "keep": policy.keep,
+        "kind": kind,
+        "src": src.reshape(-1),
+        "all_indices": torch.cat([torch.zeros(t, 1, dtype=torch.long), res.dominant + 1], 1),
+        "ctx_assign": res.ctx_assign,
+    }
+
+
 #: case["policy"] -> function(case) -> outputs keyed as in case["expected"] (a subset is fine).
 GOLDEN: dict[str, Callable[[Case], Outputs]] = {
     "llava_scissor": _llava_scissor,
     "sttm": _sttm,
     "vidcom2": _vidcom2,
+    "visionzip": _visionzip,
 }
 
 

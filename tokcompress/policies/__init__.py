@@ -5,5 +5,6 @@ from .llava_scissor import LlavaScissor
 from .sttm import STTM
 from .ts_llava import TSLLaVA
 from .vidcom2 import VidCom2
+from .visionzip import VisionZip
 
-__all__ = ["Frames", "KeepAll", "LlavaScissor", "Pool", "RandomKeep", "STTM", "TSLLaVA", "Uniform", "VidCom2"]
+__all__ = ["Frames", "KeepAll", "LlavaScissor", "Pool", "RandomKeep", "STTM", "TSLLaVA", "Uniform", "VidCom2", "VisionZip"]
