@@ -50,7 +50,10 @@ def feature_layer_index(num_layers: int, vision_feature_layer: int) -> int:
     """Index of the layer whose output is ``hidden_states[vision_feature_layer]`` (-1 for the embeddings)."""
     if not isinstance(vision_feature_layer, int):
         raise TypeError(f"VisionZip signals need one vision_feature_layer, got {vision_feature_layer!r}")
-    return (vision_feature_layer % (num_layers + 1)) - 1
+    index = (vision_feature_layer % (num_layers + 1)) - 1
+    if index < 0:
+        raise ValueError("vision_feature_layer selects the patch embeddings, which have no attention to read")
+    return index
 
 
 @torch.no_grad()

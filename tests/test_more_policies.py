@@ -1,4 +1,4 @@
-"""LLaVA-Scissor, STTM, VidCom2 and TS-LLaVA: cores against hand computations, and generate on every family.
+"""LLaVA-Scissor, STTM, VidCom2, TS-LLaVA and VisionZip: cores against hand computations, and generate on every family.
 
 Reference fidelity (the published code's outputs) is in test_golden.py; here the cores are checked
 against small independent computations (breadth-first search, explicit loops), the budget rules
@@ -8,7 +8,9 @@ compared with the manual language-model call of tests/reference.py.
 
 from __future__ import annotations
 
+import math
 import random
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -22,9 +24,10 @@ from tokcompress.policies.llava_scissor import LlavaScissor, connected_component
 from tokcompress.policies.sttm import STTM, pool_level, pyramid_sizes, representatives, sttm
 from tokcompress.policies.ts_llava import TSLLaVA, linspace_index
 from tokcompress.policies.vidcom2 import VidCom2, exact_counts, reference_counts
+from tokcompress.policies.visionzip import VisionZip
 from tokcompress.policy import keep_count
 from tokcompress.tiny import FAMILIES
-from tokcompress.tokens import TokenSet
+from tokcompress.tokens import TokenSet, selection
 
 from conftest import batch_inputs, tiny
 from reference import capture_lm_inputs, manual_greedy, same_greedy, wrapped_greedy
@@ -353,4 +356,113 @@ def test_thumbnail_is_refused_where_the_adapter_cannot_encode_it():
     model, _ = tiny("qwen2_5_vl")
     with pytest.raises(MissingSignalError, match="thumbnail6"):
         tc.wrap(model, "ts_llava", retain=0.5, thumbnail=True)
+    assert not tc.is_wrapped(model)
+
+
+# ------------------------------------------------------------------------------------- VisionZip
+
+
+def test_visionzip_core_by_hand():
+    g = torch.Generator().manual_seed(7)
+    t, n, d = 2, 12, 5
+    sal, keys, x = torch.rand(t, n, generator=g), torch.randn(t, n, 3, generator=g), torch.randn(t, n, d, generator=g)
+    out = VisionZip(dominant=4, contextual=3)(TokenSet(features=x, grid=(t, 3, 4), signals={"vision_saliency": sal, "vision_keys": keys}))
+    values = dict(zip(out.keep.tolist(), out.values))
+    for f in range(t):
+        dom = sorted(sal[f].argsort(descending=True)[:4].tolist())
+        rest = [i for i in range(n) if i not in dom]  # 8 left, step 8 // 3 = 2 -> targets rest[0], rest[2], rest[4]
+        targets = [rest[0], rest[2], rest[4]]
+        kn = keys[f] / keys[f].norm(dim=-1, keepdim=True)
+        members = {j: [] for j in targets}
+        for i in rest:
+            if i not in targets:
+                members[max(targets, key=lambda j: (float(kn[i] @ kn[j]), -j))].append(i)
+        for i in dom:
+            torch.testing.assert_close(values[f * n + i], x[f, i])
+        for j in targets:
+            want = x[f, j] + (x[f, members[j]].mean(0) if members[j] else 0)
+            torch.testing.assert_close(values[f * n + j], want, atol=1e-6, rtol=0)
+            assert all(int(out.assign[f * n + i]) == int(out.assign[f * n + j]) for i in members[j])
+    assert sorted(values) == out.keep.tolist() and out.keep.numel() == t * 7
+
+
+@dataclass
+class _Spy(tc.Policy):
+    """Test-only: keeps everything and records the VisionZip signals it was given."""
+
+    retain: float = 1.0
+    seen: list = field(default_factory=list)
+    needs = frozenset({"vision_saliency", "vision_keys"})
+
+    def compress(self, tokens: TokenSet):
+        self.seen.append(dict(tokens.signals))
+        return selection(tokens.available_index())
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "llava_next_video", "video_llava"])
+def test_visionzip_signals_equal_eager_attention(family):
+    model, _ = tiny(family, "eager")
+    inputs = batch_inputs(family, 2, attn="eager")
+    spy = _Spy()
+    with tc.compressed(model, spy), torch.no_grad():
+        model(**inputs)
+    inner = model.model
+    tower = inner.video_tower if family == "video_llava" else inner.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers
+    index = inner.config.vision_feature_layer % (len(layers) + 1) - 1
+    keys = []
+    handle = layers[index].self_attn.k_proj.register_forward_hook(lambda m, a, o: keys.append(o))
+    pixels = inputs["pixel_values_videos"].flatten(0, 1)
+    try:
+        with torch.no_grad():
+            out = tower(pixels, output_attentions=True)
+    finally:
+        handle.remove()
+    attn = out.attentions[index]  # (B*F, H, S, S), eager probabilities
+    heads = attn.shape[1]
+    k = keys[0].reshape(keys[0].shape[0], keys[0].shape[1], heads, -1).mean(2)
+    if family == "llava_onevision":
+        sal, k = attn.mean(1).mean(1), k
+    else:
+        sal, k = attn[:, :, 0, 1:].sum(1), k[:, 1:]
+    side = math.isqrt(sal.shape[1])
+    grid = torch.cat([sal[:, None], k.transpose(1, 2)], 1).reshape(sal.shape[0], -1, side, side)
+    if family == "llava_onevision":
+        grid = F.interpolate(grid, size=(math.ceil(side / 2),) * 2, mode="bilinear")
+    elif family == "llava_next_video":
+        grid = F.avg_pool2d(grid, model.config.spatial_pool_stride)
+    grid = grid.flatten(2)
+    frames = inputs["pixel_values_videos"].shape[1]
+    assert len(spy.seen) == 2
+    for v, signals in enumerate(spy.seen):
+        rows = slice(v * frames, (v + 1) * frames)
+        torch.testing.assert_close(signals["vision_saliency"], grid[rows, 0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(signals["vision_keys"], grid[rows, 1:].transpose(1, 2), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "llava_next_video", "video_llava"])
+def test_visionzip_through_generate(family):
+    model, _ = tiny(family)
+    inputs = batch_inputs(family, 2)
+    captured = capture_lm_inputs(model, inputs)
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    with tc.compressed(model, "visionzip", dominant=3, contextual=2):
+        first, tokens = wrapped_greedy(model, inputs, STEPS)
+        records = tc.last_record(model)
+    for row in range(2):
+        video = records[row].videos[0]
+        assert video.keep.numel() == video.grid[0] * 5
+        ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, STEPS)
+        torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0)
+        assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id)
+    with tc.compressed(model, "visionzip", retain=1.0), torch.no_grad():
+        assert torch.equal(model.generate(**inputs, max_new_tokens=STEPS, do_sample=False), plain)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl", "smolvlm"])
+def test_visionzip_refused_without_tower_signals(family):
+    model, _ = tiny(family)
+    with pytest.raises(MissingSignalError, match="vision_keys"):
+        tc.wrap(model, "visionzip", retain=0.3)
     assert not tc.is_wrapped(model)
