@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 import tokcompress as tc
+import tokcompress.adapters
 from tokcompress.adapters.thumbnail import best_grid, tile_thumbnail
 from tokcompress.errors import MissingSignalError, UnsupportedUsageError
 from tokcompress.policies.llava_scissor import LlavaScissor, connected_components, scissor
@@ -30,7 +32,7 @@ from tokcompress.tiny import FAMILIES
 from tokcompress.tokens import TokenSet, selection
 
 from conftest import batch_inputs, tiny
-from reference import capture_lm_inputs, manual_greedy, same_greedy, wrapped_greedy
+from reference import capture_lm_inputs, manual_greedy, row_inputs, same_greedy, wrapped_greedy
 
 
 def _smooth_video(t: int, h: int, w: int, d: int, seed: int, noise: float = 0.05) -> torch.Tensor:
@@ -466,3 +468,74 @@ def test_visionzip_refused_without_tower_signals(family):
     with pytest.raises(MissingSignalError, match="vision_keys"):
         tc.wrap(model, "visionzip", retain=0.3)
     assert not tc.is_wrapped(model)
+
+
+ONE_D = [f for f in FAMILIES if f not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")]
+
+
+@torch.no_grad()
+def _step_logits(model, captured, input_ids, records, row, tokens, compacted):
+    """Logits of every decode step when the language model is fed ``tokens`` by hand, positions 0..K-1, K, K+1, ..."""
+    lm = tc.adapters.adapter_for(model).language_model(model)
+    embeds, pos, extra = row_inputs(model, captured, input_ids, records, row, compacted)
+    cache = DynamicCache(config=lm.config)
+    out = lm(inputs_embeds=embeds, position_ids=pos, cache=cache, use_cache=True, **extra)
+    logits = [model.get_output_embeddings()(out.last_hidden_state[:, -1])[0]]
+    last = pos[..., -1:]
+    for tok in tokens[:-1]:
+        last = last + 1
+        out = lm(inputs_embeds=model.get_input_embeddings()(tok.reshape(1, 1)), position_ids=last, cache=cache, use_cache=True)
+        logits.append(model.get_output_embeddings()(out.last_hidden_state[:, -1])[0])
+    return torch.stack(logits).float()
+
+
+@pytest.mark.parametrize("family", ONE_D)
+def test_compacted_positions_match_a_renumbered_reference(family):
+    """positions="compacted": the shortened prompt is numbered 0..K-1 per row and decoding continues from K."""
+    model, _ = tiny(family)
+    inputs = batch_inputs(family, 2)
+    captured = capture_lm_inputs(model, inputs)
+    with tc.compressed(model, "sttm", sa_tree_thresh=0.6, sa_tree_temporal_thresh=0.6, positions="compacted"):
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        records = tc.last_record(model)
+    length = inputs["input_ids"].shape[1]
+    for row in range(2):
+        rec = records[row]
+        real = rec.slots >= 0
+        real[real.clone()] = inputs["attention_mask"][row, rec.slots[real]].bool()  # not padding
+        assert torch.equal(rec.position_ids[real], torch.arange(int(real.sum())))
+        tokens = out.sequences[row, length:]
+        want = _step_logits(model, captured, inputs["input_ids"], records, row, tokens, compacted=True)
+        got = torch.stack([step[row] for step in out.logits]).float()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_compacted_positions_are_ignored_for_mrope():
+    model, _ = tiny("qwen2_5_vl")
+    inputs = batch_inputs("qwen2_5_vl", 2)
+    captured = capture_lm_inputs(model, inputs)
+    with tc.compressed(model, "vidcom2", retain=0.3, positions="compacted"):
+        first, _ = wrapped_greedy(model, inputs, 1)
+        records = tc.last_record(model)
+    ref_first, _ = manual_greedy(model, captured, inputs["input_ids"], records, 0, 1)  # original M-RoPE ids
+    torch.testing.assert_close(first[0], ref_first, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="positions"):
+        VidCom2(positions="renumbered")
+
+
+def test_compacted_positions_in_a_manual_decode_loop():
+    model, _ = tiny("llava_onevision")
+    inputs = batch_inputs("llava_onevision", 1)
+    captured = capture_lm_inputs(model, inputs)
+    with tc.compressed(model, "llava_scissor", tau=0.9, positions="compacted"), torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        records = tc.last_record(model)
+        tokens, cache = [int(out.logits[0, -1].argmax())], out.cache
+        for _ in range(3):
+            step = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True)
+            cache = step.cache
+            tokens.append(int(step.logits[0, -1].argmax()))
+    ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, 0, 4, compacted=True)
+    torch.testing.assert_close(out.logits[0, -1].float(), ref_first, atol=1e-5, rtol=0)
+    assert same_greedy(torch.tensor(tokens), ref_tokens, model.generation_config.eos_token_id)

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..budget import fit_threshold
-from ..policy import Policy, check_retain, keep_count
+from ..policy import Policy, check_positions, check_retain, keep_count
 from ..registry import register
 from ..tokens import Compression, TokenSet, selection
 
@@ -271,6 +271,8 @@ class LlavaScissor(Policy):
             is set. Pass either ``tau`` or ``retain``, not both.
         epsilon: sampling tolerance [``mm_zip_epsilon``], in ``(0, 1]``.
         seed: seeds the node sampling of sets larger than ``ln(m) / epsilon**2`` (see the module notes).
+        positions: ``"kept"`` (default: survivors keep their original position ids) or ``"compacted"``
+            (renumbered consecutively, as the reference does; 1-D positions only).
 
     Output tokens are means and take the position of a member token (``last_record``: ``keep``);
     ``assign`` maps each original token to the output it was averaged into. Works on any family (no
@@ -282,10 +284,12 @@ class LlavaScissor(Policy):
     tau: float | None = None
     epsilon: float = 0.05
     seed: int = 0
+    positions: str = "kept"
 
     accepts_partial: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        check_positions(self.positions)
         if self.retain is not None:
             self.retain = check_retain(self.retain)
             if self.tau is not None:

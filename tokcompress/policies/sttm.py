@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..budget import fit_threshold
 from ..errors import UnsupportedUsageError
-from ..policy import Policy, check_retain, keep_count
+from ..policy import Policy, check_positions, check_retain, keep_count
 from ..registry import register
 from ..tokens import Compression, TokenSet, selection
 
@@ -322,6 +322,8 @@ class STTM(Policy):
             first; 1 in the reference's scripts); clamped to the finest level for small grids.
         start_layer: ``sa_start_layer_idx``, the decoder layer whose input is merged. 0 (before the
             language model) is supported; the reference's 2 for 7B models needs in-layer merging.
+        positions: ``"kept"`` (default: survivors keep their original position ids) or ``"compacted"``
+            (renumbered consecutively, as the reference does; 1-D positions only).
 
     The reference assumes square frames; any ``h x w`` grid works here (Qwen-VL temporal grids count
     as frames). Needs the full grid, so it must come first in a chain.
@@ -332,10 +334,12 @@ class STTM(Policy):
     sa_tree_temporal_thresh: float = DEFAULT_TEMPORAL_THRESH
     sa_tree_root_level: int = 1
     start_layer: int = 0
+    positions: str = "kept"
 
     accepts_partial: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_positions(self.positions)
         if self.retain is not None:
             self.retain = check_retain(self.retain)
         for name in ("sa_tree_thresh", "sa_tree_temporal_thresh"):

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MissingSignalError
-from ..policy import Policy, keep_count
+from ..policy import Policy, check_positions, keep_count
 from ..registry import register
 from ..tokens import Compression, TokenSet, selection
 
@@ -61,16 +61,20 @@ class TSLLaVA(Policy):
         thumbnail: add the thumbnail image's tokens (needs the ``"thumbnail<k>"`` signal).
         thumbnail_frames: frames tiled into the thumbnail, one of 4, 6, 8 (reference V1/V2/V3).
         thumbnail_first: put the thumbnail before the sampled tokens (reference ``Y``; default ``V``).
+        positions: ``"kept"`` (default: survivors keep their original position ids) or ``"compacted"``
+            (renumbered consecutively, as the reference does; 1-D positions only).
     """
 
     retain: float = 0.25
     thumbnail: bool = False
     thumbnail_frames: int = 6
     thumbnail_first: bool = False
+    positions: str = "kept"
 
     accepts_partial: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        check_positions(self.positions)
         super().__post_init__()
         for name in ("thumbnail", "thumbnail_first"):
             if not isinstance(getattr(self, name), bool):

@@ -34,7 +34,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..policy import Policy, keep_count
+from ..policy import Policy, check_positions, keep_count
 from ..registry import register
 from ..tokens import Compression, TokenSet
 
@@ -156,14 +156,18 @@ class VidCom2(Policy):
         retain: ``r`` [``R_RATIO``, ``base_scale``], the fraction of visual tokens kept.
         exact_budget: keep exactly ``keep_count(retain, T * n)`` tokens (default); ``False`` uses the
             reference's per-frame rounding (total close to, not equal to, the budget).
+        positions: ``"kept"`` (default: survivors keep their original position ids) or ``"compacted"``
+            (renumbered consecutively, as the reference does; 1-D positions only).
     """
 
     retain: float = 0.25
     exact_budget: bool = True
+    positions: str = "kept"
 
     accepts_partial: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_positions(self.positions)
         super().__post_init__()
         if not isinstance(self.exact_budget, bool):
             raise ValueError(f"exact_budget must be True or False; got {self.exact_budget!r}")

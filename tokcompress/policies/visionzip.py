@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MissingSignalError
-from ..policy import Policy, check_retain, keep_count
+from ..policy import Policy, check_positions, check_retain, keep_count
 from ..registry import register
 from ..tokens import Compression, TokenSet, selection
 
@@ -137,6 +137,8 @@ class VisionZip(Policy):
         dominant: grid tokens kept by attention per frame (the reference's ``dominant`` minus its CLS
             token, e.g. 53 for LLaVA-1.5's 54 + 10).
         contextual: merged tokens per frame (the reference's ``contextual``).
+        positions: ``"kept"`` (default: survivors keep their original position ids) or ``"compacted"``
+            (renumbered consecutively, as the reference does; 1-D positions only).
 
     Needs the ``"vision_saliency"`` and ``"vision_keys"`` signals (LLaVA-OneVision, LLaVA-NeXT-Video,
     Video-LLaVA); other families are refused with :class:`~tokcompress.errors.MissingSignalError`.
@@ -145,11 +147,13 @@ class VisionZip(Policy):
     retain: float | None = 0.25  # type: ignore[assignment]
     dominant: int | None = None
     contextual: int | None = None
+    positions: str = "kept"
 
     needs: ClassVar[frozenset[str]] = frozenset({"vision_saliency", "vision_keys"})
     accepts_partial: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_positions(self.positions)
         counts = (self.dominant, self.contextual)
         if any(v is not None for v in counts):
             if any(v is None for v in counts):
