@@ -539,3 +539,30 @@ def test_compacted_positions_in_a_manual_decode_loop():
     ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, 0, 4, compacted=True)
     torch.testing.assert_close(out.logits[0, -1].float(), ref_first, atol=1e-5, rtol=0)
     assert same_greedy(torch.tensor(tokens), ref_tokens, model.generation_config.eos_token_id)
+
+
+def _benchmark_references():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_more.py"
+    spec = importlib.util.spec_from_file_location("reference_more", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_transcriptions_keep_what_the_policies_keep():
+    """The benchmark's step-by-step transcriptions (numpy union-find, per-frame loops) agree with the policies."""
+    ref = _benchmark_references()
+    feats = _smooth_video(4, 6, 6, 16, seed=8, noise=0.1)
+    tokens = TokenSet(features=feats, grid=(4, 6, 6))
+    assert torch.equal(ref.llava_scissor_reference(tokens, 0.0), LlavaScissor(tau=ref.SCISSOR_TAU)(tokens).keep)
+    for r in (0.1, 0.3):
+        assert torch.equal(ref.vidcom2_reference(tokens, r), VidCom2(retain=r, exact_budget=False)(tokens).keep)
+        assert torch.equal(ref.ts_llava_reference(tokens, r), TSLLaVA(retain=r)(tokens).keep)
+    g = torch.Generator().manual_seed(9)
+    signals = {"vision_saliency": torch.rand(4, 36, generator=g), "vision_keys": torch.randn(4, 36, 8, generator=g)}
+    with_signals = TokenSet(features=feats, grid=(4, 6, 6), signals=signals)
+    for r in (0.2, 0.5):
+        assert torch.equal(ref.visionzip_reference(with_signals, r), VisionZip(retain=r)(with_signals).keep)

@@ -47,7 +47,7 @@ from ..tokens import Compression, TokenSet, selection
 
 
 def connected_components(adj: Tensor) -> Tensor:
-    """Connected components of symmetric graphs (hook-and-compress on dense adjacency).
+    """Connected components of symmetric graphs (hook-and-compress over the edge list).
 
     Args:
         adj: ``(..., m, m)`` bool adjacency, symmetric (self loops allowed, not needed).
@@ -56,24 +56,29 @@ def connected_components(adj: Tensor) -> Tensor:
         ``(..., m)`` int64: for each node, the smallest node index of its component.
     """
     m = adj.shape[-1]
-    root = torch.arange(m, device=adj.device).expand(adj.shape[:-1]).contiguous()
-    if m == 0:
-        return root
-    big = torch.tensor(m, dtype=torch.long, device=adj.device)
+    batch = adj.shape[:-2]
+    if m == 0 or adj.numel() == 0:
+        return torch.zeros(adj.shape[:-1], dtype=torch.long, device=adj.device)
+    flat = adj.reshape(-1, m, m)
+    b, src, dst = flat.nonzero(as_tuple=True)
+    src, dst = src + b * m, dst + b * m
+    root = torch.arange(flat.shape[0] * m, device=adj.device)
     while True:
         # each tree hooks its root under the smallest root among its members' neighbours ...
-        neighbour = torch.where(adj, root.unsqueeze(-2), big).amin(-1)
-        parent = root.scatter_reduce(-1, root, neighbour, "amin")
+        neighbour = root.scatter_reduce(0, src, root[dst], "amin")
+        parent = root.scatter_reduce(0, root, neighbour, "amin")
         # ... then every node follows its pointers to the new root (only ever to smaller indices)
         while True:
-            jumped = parent.gather(-1, parent)
+            jumped = parent[parent]
             if torch.equal(jumped, parent):
                 break
             parent = jumped
-        new = parent.gather(-1, root)
+        new = parent[root]
         if torch.equal(new, root):
-            return root
+            break
         root = new
+    offset = (torch.arange(flat.shape[0], device=adj.device) * m)[:, None]
+    return (root.reshape(-1, m) - offset).reshape(*batch, m)
 
 
 def _sample_size(m: int, epsilon: float) -> int:
@@ -121,7 +126,7 @@ def ordered_components(x: Tensor, adj: Tensor, used: Tensor, member: Tensor) -> 
     device = x.device
     idx = torch.arange(m, device=device)
     root = connected_components(used)
-    degree = adj.sum(-1)
+    degree = torch.count_nonzero(adj, dim=-1)
     # key = highest degree, ties to the lowest index: maximise degree * (m + 1) + (m - index)
     code = torch.where(member, degree * (m + 1) + (m - idx), torch.full_like(degree, -1))
     best = torch.full((m,), -1, dtype=code.dtype, device=device).scatter_reduce(0, root, code, "amax")
@@ -168,10 +173,10 @@ class ScissorResult:
     s2_label: Tensor
 
 
-def _spatial(xn: Tensor, avail: Tensor, tau: float) -> Tensor:
-    """``(T, n, n)`` per-frame thresholded similarity among available tokens (self loops included)."""
-    adj = (xn @ xn.transpose(1, 2)) > tau
-    return adj & avail[:, :, None] & avail[:, None, :]
+def _spatial_similarity(xn: Tensor, avail: Tensor) -> Tensor:
+    """``(T, n, n)`` per-frame cosine similarity; pairs with an unavailable token are set to -inf."""
+    sim = xn @ xn.transpose(1, 2)
+    return sim.masked_fill(~(avail[:, :, None] & avail[:, None, :]), float("-inf"))
 
 
 def scissor(
@@ -190,7 +195,7 @@ def scissor(
     x = features.float()
     avail = torch.ones(t, n, dtype=torch.bool, device=x.device) if available is None else available.to(x.device)
     gen = torch.Generator().manual_seed(seed)
-    adj = _spatial(_unit(x), avail, tau)
+    adj = _spatial_similarity(_unit(x), avail) > tau
     return _scissor_from_spatial(x, adj, avail, tau, epsilon, gen)
 
 
@@ -201,7 +206,7 @@ def _scissor_from_spatial(
     device = x.device
     flat = x.reshape(t * n, d)
     # step 1: per-frame components, numbered globally so one sort orders frames then key nodes
-    degree = adj.sum(-1)
+    degree = torch.count_nonzero(adj, dim=-1)
     if n > 1 and _sample_size(n, epsilon) < n:  # frames large enough for the reference to sample nodes
         adj = torch.stack([_restrict_to_sample(adj[f], avail[f].nonzero().squeeze(1), epsilon, gen) for f in range(t)])
     s1_root = connected_components(adj) + torch.arange(t, device=device)[:, None] * n
@@ -243,15 +248,22 @@ def _scissor_from_spatial(
     )
 
 
-def scissor_count(
-    features: Tensor, tau: float, epsilon: float = 0.05, available: Tensor | None = None, seed: int = 0
-) -> int:
-    """Number of tokens :func:`scissor` outputs (skips the final merge)."""
+def fit_tau(features: Tensor, budget: int, epsilon: float = 0.05, available: Tensor | None = None, seed: int = 0) -> float:
+    """The ``tau`` (bisection over ``[-1, 1]``) whose output count is the largest found that is ``<= budget``."""
     t, n, d = features.shape
     x = features.float()
     avail = torch.ones(t, n, dtype=torch.bool, device=x.device) if available is None else available.to(x.device)
-    adj = _spatial(_unit(x), avail, tau)
-    return int(_scissor_from_spatial(x, adj, avail, tau, epsilon, torch.Generator().manual_seed(seed), True))
+    sim = _spatial_similarity(_unit(x), avail)  # thresholds change, similarities do not
+
+    def count(tau: float) -> int:
+        gen = torch.Generator().manual_seed(seed)
+        return int(_scissor_from_spatial(x, sim > tau, avail, tau, epsilon, gen, count_only=True))
+
+    return fit_threshold(count, budget, -1.0, 1.0, steps=SEARCH_STEPS)
+
+
+#: Bisection steps of the ``retain`` search (``tau`` to within ``2 / 2**14``).
+SEARCH_STEPS = 14
 
 
 #: The reference README's default threshold.
@@ -317,11 +329,7 @@ class LlavaScissor(Policy):
         tau = self.threshold
         if self.retain is not None:
             budget = keep_count(self.retain, tokens.num_available)
-
-            def count(value: float) -> int:
-                return scissor_count(tokens.features, value, self.epsilon, tokens.available, self.seed)
-
-            tau = fit_threshold(count, budget, -1.0, 1.0)
+            tau = fit_tau(tokens.features, budget, self.epsilon, tokens.available, self.seed)
         res = scissor(tokens.features, tau, self.epsilon, tokens.available, self.seed)
         info = {"tau": tau, "s1_counts": res.s1_counts.tolist(), "steps": (int(res.s1_label.max()) + 1, res.keep.numel())}
         return Compression(

@@ -125,8 +125,29 @@ class Quadtree:
     patch_node: Tensor
 
 
-def build_quadtree(x: Tensor, tree_thresh: float, root_level: int) -> Quadtree:
-    """Steps 1-2 on ``(T, h, w, D)`` float32 features."""
+@dataclass
+class Pyramid:
+    """Everything of the quadtree that does not depend on the threshold.
+
+    Attributes:
+        levels: per level, root first, ``(T, H_l, W_l, D)`` float32 values.
+        boxes: per level ``(H_l, W_l, 4)`` int64 ``[y0, x0, y1, x1]`` on the patch grid (CPU).
+        anc: per level ``(h, w)`` int64 cell (``y * W_l + x``) holding each patch (CPU).
+        slots: per level but the last, the child slots ``(coords, valid)`` of :func:`child_slots`.
+        child_min: per level but the last, ``(T, H_l, W_l)`` float32 smallest cosine of a cell with its
+            4 child slots (unused slots included, as in the reference): the cell stops splitting iff
+            it is ``>=`` the threshold.
+    """
+
+    levels: list[Tensor]
+    boxes: list[Tensor]
+    anc: list[Tensor]
+    slots: list[tuple[Tensor, Tensor]]
+    child_min: list[Tensor]
+
+
+def build_pyramid(x: Tensor, root_level: int) -> Pyramid:
+    """Step 1 on ``(T, h, w, D)`` float32 features, with every parent-child similarity."""
     t, h, w, d = x.shape
     device = x.device
     sizes = pyramid_sizes(h, w)
@@ -136,13 +157,13 @@ def build_quadtree(x: Tensor, tree_thresh: float, root_level: int) -> Quadtree:
         levels.append(pool_level(levels[-1]))
     levels.reverse()  # levels[0] = root, levels[-1] = patches
     n_level = len(levels)
-    # boxes and ancestor maps per level; slots[l] links level l to level l + 1
-    boxes = [None] * n_level
-    anc = [None] * n_level  # (h, w) -> cell index (y * W_l + x) at level l
+    boxes: list[Tensor] = [torch.empty(0)] * n_level
+    anc: list[Tensor] = [torch.empty(0)] * n_level
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     boxes[-1] = torch.stack([yy, xx, yy + 1, xx + 1], -1)
     anc[-1] = yy * w + xx
-    slots = [None] * (n_level - 1)
+    slots: list[tuple[Tensor, Tensor]] = [(torch.empty(0), torch.empty(0))] * (n_level - 1)
+    child_min: list[Tensor] = [torch.empty(0)] * (n_level - 1)
     for lvl in range(n_level - 2, -1, -1):
         ch, cw = levels[lvl + 1].shape[1:3]
         coords, valid = child_slots(ch, cw)
@@ -152,54 +173,60 @@ def build_quadtree(x: Tensor, tree_thresh: float, root_level: int) -> Quadtree:
         lo = torch.where(valid[..., None], child_box[..., :2], big).amin(2)
         hi = torch.where(valid[..., None], child_box[..., 2:], -1).amax(2)
         boxes[lvl] = torch.cat([lo, hi], -1)
-        # parent of each child cell
         nh, nw = coords.shape[:2]
         parent = torch.empty(ch * cw, dtype=torch.long)
         cell = (torch.arange(nh)[:, None] * nw + torch.arange(nw)[None, :])[..., None].expand(nh, nw, 4)
         parent[(coords[..., 0] * cw + coords[..., 1])[valid]] = cell[valid]
         anc[lvl] = parent[anc[lvl + 1]]
+        child = levels[lvl + 1][:, coords[..., 0].to(device), coords[..., 1].to(device)]  # (T, nh, nw, 4, D)
+        child_min[lvl] = F.cosine_similarity(levels[lvl][:, :, :, None], child, dim=-1).amin(-1)
+    return Pyramid(levels, boxes, anc, slots, child_min)
 
-    feats_out, tlbr_out, level_out, cell_out = [], [], [], []
+
+def descend(pyr: Pyramid, tree_thresh: float) -> Quadtree:
+    """Step 2: the emitted nodes of every frame for ``tree_thresh``, in raster order of their top-left patch."""
+    levels = pyr.levels
+    t, h, w, _ = levels[-1].shape
+    device = levels[0].device
+    n_level = len(levels)
+    tlbr_out, level_out, cell_out = [], [], []
     gt, gy, gx = torch.meshgrid(
-        torch.arange(t), torch.arange(sizes[root][0]), torch.arange(sizes[root][1]), indexing="ij"
+        torch.arange(t), torch.arange(levels[0].shape[1]), torch.arange(levels[0].shape[2]), indexing="ij"
     )
     nt, ny, nx = gt.reshape(-1), gy.reshape(-1), gx.reshape(-1)
+    stops = [(m >= tree_thresh).cpu() for m in pyr.child_min]
     for lvl in range(n_level):
-        feat = levels[lvl][nt.to(device), ny.to(device), nx.to(device)]
-        if lvl == n_level - 1:
-            stop = torch.ones(nt.numel(), dtype=torch.bool)
-        else:
-            coords, valid = slots[lvl]
-            cy, cx = coords[ny, nx, :, 0], coords[ny, nx, :, 1]  # (N, 4)
-            child = levels[lvl + 1][nt[:, None].expand_as(cy).to(device), cy.to(device), cx.to(device)]
-            sim = F.cosine_similarity(feat[:, None].float(), child.float(), dim=-1)
-            stop = (sim >= tree_thresh).all(-1).cpu()
-        box = boxes[lvl][ny[stop], nx[stop]]
-        feats_out.append(feat[stop.to(device)])
-        tlbr_out.append(torch.cat([nt[stop, None], box], -1))
+        stop = torch.ones(nt.numel(), dtype=torch.bool) if lvl == n_level - 1 else stops[lvl][nt, ny, nx]
+        tlbr_out.append(torch.cat([nt[stop, None], pyr.boxes[lvl][ny[stop], nx[stop]]], -1))
         level_out.append(torch.full((int(stop.sum()),), lvl, dtype=torch.long))
-        cell_out.append(nt[stop] * 0 + ny[stop] * levels[lvl].shape[2] + nx[stop])
+        cell_out.append(ny[stop] * levels[lvl].shape[2] + nx[stop])
         if lvl < n_level - 1:
+            coords, valid = pyr.slots[lvl]
             split = ~stop
             sub = valid[ny[split], nx[split]]  # (S, 4)
             nt = nt[split][:, None].expand(-1, 4)[sub]
-            ny, nx = cy[split][sub], cx[split][sub]
+            ny, nx = coords[ny[split], nx[split], :, 0][sub], coords[ny[split], nx[split], :, 1][sub]
     tlbr = torch.cat(tlbr_out)
     order = torch.argsort(tlbr[:, 0] * (h * w) + tlbr[:, 1] * w + tlbr[:, 2])
-    features = torch.cat(feats_out)[order.to(device)]
     tlbr = tlbr[order]
-    # node of each patch: the one level where its ancestor cell was emitted
     level, cell = torch.cat(level_out)[order], torch.cat(cell_out)[order]
+    features = torch.empty(tlbr.shape[0], levels[0].shape[-1], dtype=levels[0].dtype, device=device)
     patch_node = torch.full((t, h, w), -1, dtype=torch.long)
     for lvl in range(n_level):
         at = level == lvl
         if not bool(at.any()):
             continue
         lh, lw = levels[lvl].shape[1:3]
+        features[at.to(device)] = levels[lvl].reshape(t, lh * lw, -1)[tlbr[at, 0].to(device), cell[at].to(device)]
         table = torch.full((t, lh * lw), -1, dtype=torch.long)
         table[tlbr[at, 0], cell[at]] = torch.nonzero(at).squeeze(1)
-        patch_node = torch.maximum(patch_node, table[:, anc[lvl]])
+        patch_node = torch.maximum(patch_node, table[:, pyr.anc[lvl]])
     return Quadtree(features, tlbr.to(device), patch_node.to(device))
+
+
+def build_quadtree(x: Tensor, tree_thresh: float, root_level: int) -> Quadtree:
+    """Steps 1-2 on ``(T, h, w, D)`` float32 features."""
+    return descend(build_pyramid(x, root_level), tree_thresh)
 
 
 def nested_pairs(tlbr: Tensor) -> Tensor:
@@ -264,14 +291,20 @@ class STTMResult:
 
 
 def sttm(
-    features: Tensor, tree_thresh: float, temporal_thresh: float | None, root_level: int = 1, count_only: bool = False
+    features: Tensor,
+    tree_thresh: float,
+    temporal_thresh: float | None,
+    root_level: int = 1,
+    count_only: bool = False,
+    pyramid: Pyramid | None = None,
 ) -> STTMResult | int:
     """STTM on ``(T, h, w, D)`` features (computed in float32).
 
     ``temporal_thresh=None`` skips the temporal step (the reference does so for thresholds ``<= 0``).
+    ``pyramid`` reuses :func:`build_pyramid`'s result for these features and ``root_level``.
     """
     t, h, w, d = features.shape
-    tree = build_quadtree(features.float(), tree_thresh, root_level)
+    tree = descend(pyramid if pyramid is not None else build_pyramid(features.float(), root_level), tree_thresh)
     n_node = tree.tlbr.shape[0]
     if temporal_thresh is None:
         rep = torch.arange(n_node, device=tree.features.device)
@@ -374,11 +407,13 @@ class STTM(Policy):
             budget = keep_count(self.retain, tokens.num_tokens)
             lowest = tree_t if temporal is None else min(tree_t, temporal)
 
-            def count(delta: float) -> int:
-                return sttm(feats, tree_t + delta, None if temporal is None else temporal + delta,
-                            self.sa_tree_root_level, count_only=True)
+            pyramid = build_pyramid(feats.float(), self.sa_tree_root_level)
 
-            offset = fit_threshold(count, budget, -1.01 - max(tree_t, temporal or tree_t), 1.01 - lowest)
+            def count(delta: float) -> int:
+                temporal_d = None if temporal is None else temporal + delta
+                return sttm(feats, tree_t + delta, temporal_d, self.sa_tree_root_level, True, pyramid)
+
+            offset = fit_threshold(count, budget, -1.01 - max(tree_t, temporal or tree_t), 1.01 - lowest, steps=14)
         res = sttm(feats, tree_t + offset, None if temporal is None else temporal + offset, self.sa_tree_root_level)
         info = {"offset": offset, "nodes": int(res.node_tlbr.shape[0]), "tlbr": res.tlbr}
         return Compression(
@@ -386,4 +421,4 @@ class STTM(Policy):
         )
 
 
-__all__ = ["STTM", "build_quadtree", "nested_pairs", "pyramid_sizes", "representatives", "sttm"]
+__all__ = ["STTM", "build_pyramid", "build_quadtree", "descend", "nested_pairs", "pyramid_sizes", "representatives", "sttm"]

@@ -90,7 +90,7 @@ def vidcom2_scores(features: Tensor, retain: float) -> VidCom2Scores:
 
 def reference_counts(shares: Tensor, n: int) -> Tensor:
     """The reference's per-frame counts: ``max(1, round(min(share, 1) * n))`` in float32, halves to even."""
-    return (shares.float().clamp(max=1.0) * n).round().clamp(min=1).long()
+    return (shares.float().clamp(max=1.0) * n).round().clamp(min=1).long().cpu()
 
 
 def exact_counts(shares: Tensor, n: int, budget: int) -> Tensor:
@@ -101,7 +101,7 @@ def exact_counts(shares: Tensor, n: int, budget: int) -> Tensor:
     t = shares.numel()
     if not 0 < budget <= t * n:
         raise ValueError(f"budget must be in [1, {t * n}]; got {budget}")
-    w = shares.double().clamp(min=0)
+    w = shares.detach().cpu().double().clamp(min=0)  # T numbers: bookkeeping on the CPU
     if budget < t:
         counts = torch.zeros(t, dtype=torch.long)
         counts[torch.sort(-w, stable=True).indices[:budget]] = 1
