@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import CallContext, Capture, VideoSpan
+from .base import CallContext, Capture, VideoSpan, frame_slices
 
 #: Signals for thumbnails of 4, 6 and 8 frames (TS-LLaVA's V1/V2/V3).
 THUMBNAIL_SIGNALS = frozenset({"thumbnail4", "thumbnail6", "thumbnail8"})
@@ -87,19 +87,21 @@ class ThumbnailSupport:
         wanted = getattr(self, "_thumbnails", [])
         if not wanted or not spans:
             return
-        total = sum(frames)
-        seen = [p for p in call.captured.get(_PIXELS, []) if p.shape[0] == total]
-        if not seen:
+        for pixels in reversed(call.captured.get(_PIXELS, [])):
+            slices = frame_slices(frames, pixels.shape[0])
+            if slices is not None:
+                break
+        else:
             return  # the frames did not go through the tower in this call: the policy reports the missing signal
-        per_video = seen[-1].split(frames)
+        videos = sorted(set(slices))  # each distinct video once (beams repeat them)
         inner = self.inner(model)  # type: ignore[attr-defined]
         for name in wanted:
             k = int(name.removeprefix("thumbnail"))
-            images = torch.stack([tile_thumbnail(v, k) for v in per_video])  # (V, C, H, W)
+            images = torch.stack([tile_thumbnail(pixels[a:b], k) for a, b in videos])  # (V, C, H, W)
             out = inner.get_video_features(pixel_values_videos=images[:, None])
-            tokens = self.thumbnail_tokens(out.pooler_output.reshape(len(spans), -1, out.pooler_output.shape[-1]))
-            for span, value in zip(spans, tokens):
-                span.signals[name] = value
+            tokens = self.thumbnail_tokens(out.pooler_output.reshape(len(videos), -1, out.pooler_output.shape[-1]))
+            for span, where in zip(spans, slices):
+                span.signals[name] = tokens[videos.index(where)]
 
 
 __all__ = ["THUMBNAIL_SIGNALS", "ThumbnailSupport", "best_grid", "frame_index", "tile_thumbnail"]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import CallContext, Capture, VideoSpan
+from .base import CallContext, Capture, VideoSpan, frame_slices
 
 #: Largest number of attention probabilities materialised at once (2**24 floats = 64 MiB).
 MAX_BLOCK = 1 << 24
@@ -126,14 +126,13 @@ def visionzip_capture(
 
 
 def attach_visionzip_signals(call: CallContext, spans: list[VideoSpan], frames: list[int]) -> None:
-    """Split the last tower call's signals (the one that saw every frame of the videos) per video."""
-    total = sum(frames)
-    seen = [v for v in call.captured.get(_CAPTURE, []) if v["vision_saliency"].shape[0] == total]
-    if not seen or not spans:
-        return
-    for name, value in seen[-1].items():
-        for span, part in zip(spans, value.split(frames)):
-            span.signals[name] = part
+    """Split the last tower call that saw the videos' frames per video (repeated videos share them)."""
+    for value in reversed(call.captured.get(_CAPTURE, [])):
+        slices = frame_slices(frames, value["vision_saliency"].shape[0])
+        if slices is not None:
+            for span, (a, b) in zip(spans, slices):
+                span.signals.update({name: v[a:b] for name, v in value.items()})
+            return
 
 
 __all__ = [

@@ -566,3 +566,29 @@ def test_benchmark_transcriptions_keep_what_the_policies_keep():
     with_signals = TokenSet(features=feats, grid=(4, 6, 6), signals=signals)
     for r in (0.2, 0.5):
         assert torch.equal(ref.visionzip_reference(with_signals, r), VisionZip(retain=r)(with_signals).keep)
+
+
+def test_frame_slices_for_repeated_videos():
+    from tokcompress.adapters.base import frame_slices
+
+    assert frame_slices([3, 5], 8) == [(0, 3), (3, 8)]
+    assert frame_slices([3, 3, 5, 5], 8) == [(0, 3), (0, 3), (3, 8), (3, 8)]  # two beams each
+    assert frame_slices([3, 5, 3, 5], 8) is None  # not a repeat_interleave pattern
+    assert frame_slices([3, 5], 7) is None
+
+
+@pytest.mark.parametrize("name,params", [("visionzip", {"retain": 0.3}), ("ts_llava", {"retain": 0.5, "thumbnail": True})])
+def test_vision_signals_follow_beam_expansion(name, params):
+    """With beams, generate repeats each encoded video: every copy gets the video's own signals."""
+    model, _ = tiny("llava_onevision")
+    inputs = batch_inputs("llava_onevision", 2)
+    with tc.compressed(model, name, **params), torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        single = tc.last_record(model)
+        model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
+        beams = tc.last_record(model)
+    assert len(beams) == 4
+    for row in range(4):
+        want = single[row // 2]
+        assert torch.equal(beams[row].videos[0].keep, want.videos[0].keep)
+        torch.testing.assert_close(beams[row].values, want.values, atol=1e-6, rtol=0)
