@@ -35,6 +35,15 @@ from conftest import batch_inputs, tiny
 from reference import capture_lm_inputs, manual_greedy, row_inputs, same_greedy, wrapped_greedy
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny models are too small for intra-op threads to pay off on a shared machine; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _smooth_video(t: int, h: int, w: int, d: int, seed: int, noise: float = 0.05) -> torch.Tensor:
     """``(T, h, w, D)`` tokens: a coarse random field upsampled (neighbours similar) plus noise."""
     g = torch.Generator().manual_seed(seed)
