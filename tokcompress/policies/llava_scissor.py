@@ -288,8 +288,8 @@ class LlavaScissor(Policy):
 
     Output tokens are means and take the position of a member token (``last_record``: ``keep``);
     ``assign`` maps each original token to the output it was averaged into. Works on any family (no
-    signals); each video is one set. Positions: see the README (tokcompress keeps original position
-    ids; the reference numbers the merged tokens consecutively).
+    signals); each video is one set. The reference numbers the merged tokens consecutively;
+    ``positions="compacted"`` does the same (1-D positions).
     """
 
     retain: float | None = None  # type: ignore[assignment]

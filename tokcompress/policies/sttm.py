@@ -24,9 +24,10 @@ Algorithm, on the ``(T, h, w, D)`` video tokens:
    nodes and it takes the box of its earliest node.
 
 Positions. Each output token takes the position of the top-left patch of its box (the reference's
-``merged_token_1d_idx``); tokcompress keeps that token's original position id, whereas the reference
-renumbers the shortened sequence consecutively (``position_ids[:, :M]``). ``assign`` maps every
-patch to the output token its node was merged into.
+``merged_token_1d_idx``). By default tokcompress keeps that token's original position id; the
+reference renumbers the shortened sequence consecutively (``position_ids[:, :M]``), which
+``positions="compacted"`` reproduces on families with 1-D positions (prefill 0..M'-1, decoding goes on
+from there). ``assign`` maps every patch to the output token its node was merged into.
 
 Where it acts. ``start_layer`` (``sa_start_layer_idx``) is the decoder layer whose input hidden
 states are merged; 0 merges the language model's input embeddings (what the reference does for

@@ -27,7 +27,7 @@ tokcompress merges the projector outputs the language model receives (identical 
 for contextual tokens the projector's nonlinearity makes the two differ), which is what the
 LLaVA-OneVision port does. Each contextual token takes its target's position, so dominant and
 contextual tokens stay in position order (the reference appends the contextual tokens after the
-dominant ones and numbers positions consecutively). When fewer than ``contextual`` tokens remain every
+dominant ones and numbers positions consecutively; ``positions="compacted"`` renumbers, in position order). When fewer than ``contextual`` tokens remain every
 remaining token is its own target (the reference fails with a shape error).
 """
 
