@@ -1,13 +1,15 @@
 """LLaVA-OneVision (and LLaVA-Video checkpoints, which use the same class).
 
+Signals: ``"thumbnail4"``/``"thumbnail6"``/``"thumbnail8"`` (TS-LLaVA, see ``adapters/thumbnail.py``);
+``"vision_saliency"``/``"vision_keys"`` (VisionZip, ``adapters/visionzip_signals.py``: attention received
+per patch and keys of the feature layer, pooled bilinearly like the features); ``"vision_attention"``
+``(F, h*w)`` (attention each patch receives, mean over heads and queries) and ``"frame_query_attention"``
+``(F, h*w)`` (attention of the frame's mean query) of the same layer, recomputed from its q/k and pooled
+bilinearly (``adapters/vision_signals.py``), and ``"vision_features"`` ``(F, P, C)``, that layer's output
+before the projector, for policies that run SigLIP's pooling head themselves (FastVID).
+
 Per video the span holds ``F * h * w`` pooled SigLIP tokens (bilinear 2x pooling of the patch grid,
 e.g. 27x27 -> 14x14) followed by ONE ``image_newline`` token; positions are 1-D.
-
-Signals (captured on the SigLIP layer whose output the projector reads, see ``vision_feature_layer``):
-``"vision_attention"`` ``(F, h*w)`` attention each patch receives (mean over heads and queries) and
-``"frame_query_attention"`` ``(F, h*w)`` attention of the frame's mean query, both recomputed from the
-layer's q/k and pooled bilinearly like the features; ``"vision_features"`` ``(F, P, C)`` the layer's
-output (pre-projector), for policies that run SigLIP's pooling head themselves.
 """
 
 from __future__ import annotations
@@ -15,11 +17,22 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
 
-from .base import Adapter, CallContext, Capture, VideoSpan, split_videos
-from .vision_signals import ATTENTION_SIGNALS, attach_frame_signals, encoded_order, encoder_layers, feature_layer
+from torch import Tensor
+
+from .base import Adapter, CallContext, Capture, VideoSpan, counts_from_inputs, split_videos
+from .thumbnail import THUMBNAIL_SIGNALS, ThumbnailSupport
+from .visionzip_signals import (
+    VISIONZIP_SIGNALS,
+    attach_visionzip_signals,
+    bilinear_half,
+    encoder_layers,
+    feature_layer_index,
+    visionzip_capture,
+)
+from .vision_signals import ATTENTION_SIGNALS, attach_frame_signals, encoded_order, feature_layer
 from .vision_signals import layer_attention_capture
 
 
@@ -35,10 +48,10 @@ def pool_patches(values: Tensor, grid: tuple[int, int]) -> Tensor:
     return pooled.reshape(frames, -1)
 
 
-class LlavaOnevisionAdapter(Adapter):
+class LlavaOnevisionAdapter(ThumbnailSupport, Adapter):
     name = "llava_onevision"
     model_classes = (LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel)
-    signals = frozenset({"vision_attention", "frame_query_attention", "vision_features"})
+    signals = THUMBNAIL_SIGNALS | VISIONZIP_SIGNALS | frozenset(ATTENTION_SIGNALS) | {"vision_features"}
 
     def placeholder_ids(self, model: nn.Module) -> list[int]:
         return [model.config.video_token_id]
@@ -50,6 +63,16 @@ class LlavaOnevisionAdapter(Adapter):
         return side, side
 
     def captures(self, model: nn.Module, signals: frozenset[str]) -> list[Capture]:
+        out = self.thumbnail_captures(model, signals)
+        if VISIONZIP_SIGNALS & signals:  # SigLIP: no CLS; pooled to the token grid like the features
+            inner = self.inner(model)
+            layers = encoder_layers(inner.vision_tower)
+            layer = layers[feature_layer_index(len(layers), inner.config.vision_feature_layer)]
+            out.append(visionzip_capture(layer, has_cls=False, pool=bilinear_half))
+        return out + self.attention_captures(model, signals)
+
+    def attention_captures(self, model: nn.Module, signals: frozenset[str]) -> list[Capture]:
+        """``vision_attention`` / ``frame_query_attention`` / ``vision_features`` on the feature layer."""
         wanted = [s for s in ATTENTION_SIGNALS if s in signals]
         if not wanted and "vision_features" not in signals:
             return []
@@ -69,30 +92,25 @@ class LlavaOnevisionAdapter(Adapter):
             out.append(Capture("vision_features", layer, features, when="post"))
         return out
 
+    def thumbnail_tokens(self, pooled: Tensor) -> Tensor:
+        return pooled[:, :-1]  # drop the image_newline get_video_features appends
+
     def spans(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
         h, w = self.frame_grid(model)
-        counts = None
-        pixels = call.inner_kwargs.get("pixel_values_videos")
-        encoded = (call.inner_kwargs.get("mm_encoder_outputs") or {}).get("video")
-        if pixels is not None:  # (videos, frames, C, H, W)
-            counts = [pixels.shape[1] * h * w + 1] * pixels.shape[0]
-        elif encoded is not None:  # pre-encoded by generate: pooler_output (videos, F*h*w + 1, D)
-            counts = [encoded.pooler_output.shape[1]] * encoded.pooler_output.shape[0]
+        counts = counts_from_inputs(call, h * w, 1)
         spans = []
         for row, pos in split_videos(call.target, counts):
             frames, rest = divmod(pos.numel() - 1, h * w)
             if rest or frames < 1:
                 raise RuntimeError(f"a LLaVA-OneVision video span of {pos.numel()} tokens is not F*{h}*{w}+1")
             spans.append(VideoSpan(row=row, positions=pos[:-1], grid=(frames, h, w), specials=pos[-1:]))
-        self.attach_signals(spans, call, (h, w))
+        attach_visionzip_signals(call, spans, [s.grid[0] for s in spans])
+        self.attach_thumbnails(model, call, spans, [s.grid[0] for s in spans])
+        self.attach_attention(spans, call, (h, w))
         return spans
 
-    def attach_signals(self, spans: list[VideoSpan], call: CallContext, grid: tuple[int, int]) -> None:
-        """Per video, the signals captured in the last tower call (videos are encoded after images).
-
-        The tower sees every frame of every encoded video in one batch, so its rows split into videos
-        of ``F`` frames (all videos of a call have the same ``F``).
-        """
+    def attach_attention(self, spans: list[VideoSpan], call: CallContext, grid: tuple[int, int]) -> None:
+        """Per video, the attention maps and features captured in the last tower call (videos last)."""
         if not spans:
             return
         attach_frame_signals(spans, call, lambda v: pool_patches(v, grid))

@@ -28,6 +28,7 @@ def _reference_inputs(family: str):
 POLICIES = [("fastvid", {"retain": 0.5, "DySeg_c": 2}), ("holitom", {"retain": 0.3})]
 
 
+
 @pytest.mark.filterwarnings("ignore:fastvid")
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p[0])
 def test_generate_matches_manual_reference(family, policy):

@@ -151,6 +151,7 @@ def test_parameter_errors():
         (dict(k=0), "k must be a positive int"),
         (dict(max_window_size=0), "max_window_size must be a positive int"),
         (dict(preset="qwen"), "preset must be one of"),
+        (dict(positions="renumbered"), "positions must be one of"),
     ]:
         with pytest.raises(ValueError, match=match):
             HoliTom(**bad)

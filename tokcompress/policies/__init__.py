@@ -3,5 +3,23 @@
 from .baselines import Frames, KeepAll, Pool, RandomKeep, Uniform
 from .fastvid import FastVID
 from .holitom import HoliTom
+from .llava_scissor import LlavaScissor
+from .sttm import STTM
+from .ts_llava import TSLLaVA
+from .vidcom2 import VidCom2
+from .visionzip import VisionZip
 
-__all__ = ["FastVID", "Frames", "HoliTom", "KeepAll", "Pool", "RandomKeep", "Uniform"]
+__all__ = [
+    "FastVID",
+    "Frames",
+    "HoliTom",
+    "KeepAll",
+    "LlavaScissor",
+    "Pool",
+    "RandomKeep",
+    "STTM",
+    "TSLLaVA",
+    "Uniform",
+    "VidCom2",
+    "VisionZip",
+]

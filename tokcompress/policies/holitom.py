@@ -23,12 +23,13 @@ the vision attention ``A`` ``(T, n)`` each token receives:
    ``m = ceil(n_dyn * r')`` tokens, ``round(m * (1 - d))`` "dominant" ones by attention top-k (kept
    raw), the rest "contextual" DPC-kNN clusters of the remaining tokens (only when ``d > 0``).
 
-Where the output tokens sit: tokcompress keeps original positions, so every output token takes the
-position of the token that carries it: a dominant token its own, a contextual cluster its DPC
-centre's, a static cluster its centre's position in the window's FIRST frame. The reference instead
-renumbers the compressed sequence (positions compacted) and, for LLaVA-OneVision, emits a window's
-static tokens before the first frame's dynamic ones; :meth:`HoliTomResult.emitted` reproduces the
-reference's order (used by the golden tests). The in-LLM merge (``HOLITOM_k``/``HOLITOM_r``) is a
+Where the output tokens sit: every output token takes the place of the token that carries it: a
+dominant token its own, a contextual cluster its DPC centre's, a static cluster its centre's position
+in the window's FIRST frame, and keeps that token's position id (``positions="kept"``, the default) or
+is renumbered consecutively (``positions="compacted"``, as the reference; 1-D families). The
+reference also orders a LLaVA-OneVision window's static tokens before the first frame's dynamic ones
+(here they interleave by position, which is the reference's LLaVA-Video order);
+:meth:`HoliTomResult.emitted` reproduces the reference's order (used by the golden tests). The in-LLM merge (``HOLITOM_k``/``HOLITOM_r``) is a
 separate stage; :meth:`HoliTom.stages` is where it will be chained.
 """
 
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..cluster import cluster_sums, dpc_knn, nearest_center
-from ..policy import Policy
+from ..policy import Policy, check_positions
 from ..registry import register
 from ..tokens import Compression, TokenSet
 from .signals import feature_saliency, warn_once
@@ -371,6 +372,9 @@ class HoliTom(Policy):
         k: DPC-kNN neighbours, used as ``min(k, clusters)`` [``K``].
         max_window_size: longest temporal window in frames [``MAX_WINDOW_SIZE``].
         no_beta: merge clusters by a plain mean instead of ``beta`` mixing [``NO_BETA`` != "0"].
+        positions: ``"kept"`` (default: every output token takes its carrier's original position id) or
+            ``"compacted"`` (the shortened sequence renumbered consecutively, as the reference does; 1-D
+            positions only). Either way the tokens are in carrier order (see the module docstring).
         inner: optional in-LLM stage (HoliTom's step 4, ``HOLITOM_k``/``HOLITOM_r``: a ``stage="layer"``
             policy) chained after this one; :meth:`stages` lists it, the engine runs it inside the LM.
         preset: ``"auto"`` (from ``TokenSet.layout``), ``"llava_onevision"``, ``"llava_video"`` or
@@ -391,6 +395,7 @@ class HoliTom(Policy):
     max_window_size: int = 1024
     no_beta: bool = False
     preset: str = "auto"
+    positions: str = "kept"
     inner: Policy | None = None
 
     optional_needs: ClassVar[frozenset[str]] = frozenset({"vision_attention"})
@@ -410,6 +415,7 @@ class HoliTom(Policy):
             raise ValueError(f"max_window_size must be a positive int (frames); got {self.max_window_size!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}; got {self.preset!r}")
+        check_positions(self.positions)
         if self.inner is not None:
             if not isinstance(self.inner, Policy):
                 raise TypeError(f"inner must be a Policy (HoliTom's in-LLM stage); got {type(self.inner).__name__}")
