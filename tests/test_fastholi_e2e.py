@@ -47,3 +47,17 @@ def test_generate_matches_manual_reference(family, policy):
         ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, STEPS)
         torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0)
         assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id)
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "video_llava"])
+def test_holitom_compacted_positions_match_a_renumbered_reference(family):
+    """positions="compacted" (the reference's numbering): prefill 0..K-1 per row, decoding goes on from K."""
+    model, _ = tiny(family)
+    inputs, captured = _reference_inputs(family)
+    with tc.compressed(model, "holitom", retain=0.3, positions="compacted"):
+        first, tokens = wrapped_greedy(model, inputs, STEPS)
+        records = tc.last_record(model)
+    for row in range(2):
+        ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, STEPS, compacted=True)
+        torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0)
+        assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id)
