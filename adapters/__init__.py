@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import Adapter, CallContext, Capture, VideoSpan, runs, split_videos
+from .base import Adapter, CallContext, Capture, VideoSpan, runs, split_videos, tail_frames
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
@@ -47,4 +47,5 @@ __all__ = [
     "runs",
     "split_videos",
     "supported_models",
+    "tail_frames",
 ]

@@ -138,3 +138,20 @@ def split_videos(target: Tensor, counts: list[int] | None) -> list[tuple[int, Te
         out.append((int(r[0]), cols[offset : offset + count]))
         offset += count
     return out
+
+
+def tail_frames(captured: list[Any], count: int) -> torch.Tensor | None:
+    """The last ``count`` frames of the ``(N, C, H, W)`` batches a vision tower received, or None.
+
+    Images are encoded before videos, so the video frames are the tail of what the tower saw.
+    """
+    batches, have = [], 0
+    for item in reversed(captured):
+        if item is None:
+            continue
+        batches.insert(0, item)
+        have += item.shape[0]
+        if have >= count:
+            batches[0] = batches[0][have - count :]
+            return torch.cat(batches) if len(batches) > 1 else batches[0]
+    return None

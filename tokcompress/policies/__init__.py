@@ -1,5 +1,8 @@
 """Built-in policies. Importing this package registers them."""
 
 from .baselines import Frames, KeepAll, Pool, RandomKeep, Uniform
+from .divprune import DivPrune
+from .evs import EVS
+from .evs_pixel import EVSPixel
 
-__all__ = ["Frames", "KeepAll", "Pool", "RandomKeep", "Uniform"]
+__all__ = ["DivPrune", "EVS", "EVSPixel", "Frames", "KeepAll", "Pool", "RandomKeep", "Uniform"]
