@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..policy import Policy
@@ -27,6 +26,8 @@ from ..tokens import Compression, TokenSet
 
 #: The reference's score for frame-0 tokens: above any cosine dissimilarity (at most 2).
 FIRST_FRAME_SCORE = 255.0
+#: Frames whose products are formed at once (bounds the temporaries).
+FRAME_CHUNK = 64
 
 
 def evs_count(num_frames: int, tokens_per_frame: int, q: float) -> int:
@@ -34,19 +35,28 @@ def evs_count(num_frames: int, tokens_per_frame: int, q: float) -> int:
     return max(tokens_per_frame, int(num_frames * tokens_per_frame * (1 - q)))
 
 
-def evs_dissimilarity(features: Tensor) -> Tensor:
+def evs_dissimilarity(features: Tensor, eps: float = 1e-8) -> Tensor:
     """``(T, n, D)`` tokens -> ``(T, n)`` scores: ``1 - cos(E[t, i], E[t-1, i])``, frame 0 = 255.
 
-    Computed in the features' dtype with ``torch.nn.functional.cosine_similarity`` (eps 1e-8), as
-    the reference does.
+    Bit-for-bit what the reference gets from ``torch.nn.functional.cosine_similarity(E[1:], E[:-1],
+    dim=-1)`` (eps 1e-8) in the features' dtype, which computes ``sum((a / max(|a|, eps)) *
+    (b / max(|b|, eps)))``; here every frame is normalised once instead of twice, and the products
+    are formed a few frames at a time. In float16, where 1e-8 underflows to 0 and the reference
+    turns a zero token into NaN, ``eps`` is raised to the smallest normal float16 (a zero token then
+    has similarity 0, as in float32).
     """
     if features.dim() != 3:
         raise ValueError(f"features must be (T, n, D); got shape {tuple(features.shape)}")
-    first = torch.full_like(features[:1, :, 0], FIRST_FRAME_SCORE)
-    if features.shape[0] == 1:
-        return first
-    dissimilarity = 1 - F.cosine_similarity(features[1:], features[:-1], dim=-1)
-    return torch.cat([first, dissimilarity], dim=0)
+    t = features.shape[0]
+    scores = torch.full_like(features[:, :, 0], FIRST_FRAME_SCORE)
+    if t == 1:
+        return scores
+    eps = max(eps, torch.finfo(features.dtype).tiny) if features.is_floating_point() else eps
+    unit = features / torch.linalg.vector_norm(features, dim=-1, keepdim=True).clamp_min(eps)
+    for t0 in range(1, t, FRAME_CHUNK):
+        t1 = min(t, t0 + FRAME_CHUNK)
+        scores[t0:t1] = 1 - (unit[t0:t1] * unit[t0 - 1 : t1 - 1]).sum(-1)
+    return scores
 
 
 def stable_top_k(scores: Tensor, k: int) -> Tensor:

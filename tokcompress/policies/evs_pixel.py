@@ -61,12 +61,21 @@ def pixel_dissimilarity(pixels: Tensor, grid: tuple[int, int, int], frames_per_s
     scores = torch.full((t, h * w), float("inf"), dtype=torch.float32, device=pixels.device)
     if t == 1:
         return scores
-    # diffs[f - 1] = per-token mean |p_f - p_{f-1}|, for f >= s (the frames of steps 1..T-1).
+    channels = pixels.shape[1]
+    tiled = height % h == 0 and width % w == 0  # equal bins: a reshape instead of adaptive pooling
+    # diffs[f - s] = per-token mean |p_f - p_{f-1}|, for the frames f >= s of steps 1..T-1.
     diffs = torch.empty(frames - s, h, w, dtype=torch.float32, device=pixels.device)
+    buf = torch.empty(min(FRAME_CHUNK, frames - s), channels, height, width, dtype=torch.float32, device=pixels.device)
     for f0 in range(s, frames, FRAME_CHUNK):
         f1 = min(frames, f0 + FRAME_CHUNK)
-        change = (pixels[f0:f1].float() - pixels[f0 - 1 : f1 - 1].float()).abs().mean(1, keepdim=True)
-        diffs[f0 - s : f1 - s] = F.adaptive_avg_pool2d(change, (h, w))[:, 0]
+        change = buf[: f1 - f0]
+        torch.sub(pixels[f0:f1], pixels[f0 - 1 : f1 - 1], out=change)
+        if tiled:
+            bins = change.view(f1 - f0, channels, h, height // h, w, width // w)
+            l1 = torch.linalg.vector_norm(bins, ord=1, dim=(1, 3, 5))
+            diffs[f0 - s : f1 - s] = l1 / (channels * (height // h) * (width // w))
+        else:
+            diffs[f0 - s : f1 - s] = F.adaptive_avg_pool2d(change.abs_().mean(1, keepdim=True), (h, w))[:, 0]
     scores[1:] = diffs.reshape(t - 1, s, h * w).mean(1)
     return scores
 
