@@ -16,7 +16,7 @@ from torch import nn
 from tokcompress import MissingSignalError, Sequential, TokenSet
 from tokcompress.policies import DivPrune, EVS, EVSPixel, Uniform
 from tokcompress.policies.divprune import divprune, divprune_count
-from tokcompress.policies.evs import evs_count, evs_retention_mask, stable_top_k
+from tokcompress.policies.evs import evs_count, evs_dissimilarity, evs_retention_mask, stable_top_k
 from tokcompress.policies.evs_pixel import pixel_dissimilarity
 
 FAST = settings(max_examples=40, deadline=None)
@@ -222,10 +222,20 @@ def test_evs_needs_full_grid():
     assert out.keep.numel() == round(0.5 * max(9, int(36 * 0.5)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_evs_dissimilarity_is_bitwise_the_reference_cosine(dtype):
+    x = torch.randn(7, 9, 33, generator=torch.Generator().manual_seed(1)).to(dtype)
+    want = torch.cat([torch.full_like(x[:1, :, 0], 255), 1 - F.cosine_similarity(x[1:], x[:-1], dim=-1)])
+    assert torch.equal(evs_dissimilarity(x), want)
+
+
 def test_evs_no_nan_on_zero_tokens():
     x = torch.zeros(3, 4, 6)
     keep = EVS(retain=0.5)(TokenSet(features=x, grid=(3, 2, 2))).keep
     assert keep.numel() == 6 and keep.unique().numel() == 6
+    half = torch.randn(3, 4, 6).half()
+    half[1, 2] = 0  # the reference gives NaN here in float16 (its eps underflows)
+    assert not bool(torch.isnan(evs_dissimilarity(half)).any())
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,6 +299,10 @@ def test_evs_pixel_uneven_bins_and_errors():
     assert scores[1, 1 * 3 + 2].item() == pytest.approx(manual, rel=1e-5)
     with pytest.raises(ValueError, match="frames"):
         pixel_dissimilarity(pixels, (4, 4, 3))
+    # equal bins (30 = 5 x 6, 22 = 2 x 11): token (2, y, x) = mean |p2 - p1| over its 6 x 11 tile
+    tiled = pixel_dissimilarity(pixels[:3], (3, 5, 2))
+    manual = (pixels[2] - pixels[1]).abs()[:, 3 * 6 : 4 * 6, 11:22].mean().item()
+    assert tiled[2, 3 * 2 + 1].item() == pytest.approx(manual, rel=1e-5)
     ts = TokenSet(features=torch.randn(3, 12, 4), grid=(3, 4, 3))
     with pytest.raises(MissingSignalError, match="pixels"):
         EVSPixel(retain=0.5)(ts)
