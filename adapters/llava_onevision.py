@@ -15,18 +15,11 @@ pooling centres token ``(y, x)`` of the ``ceil(g/2)``-square grid on pixel
 from __future__ import annotations
 
 import math
-from typing import Any
 
-import torch
 from torch import nn
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
 
-from .base import Adapter, CallContext, Capture, VideoSpan, split_videos, tail_frames
-
-
-def _tower_pixels(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor | None:
-    pixels = kwargs.get("pixel_values", args[0] if args else None)
-    return None if pixels is None else pixels.detach()
+from .base import Adapter, CallContext, Capture, VideoSpan, attach_frames, split_videos, tower_pixels
 
 
 class LlavaOnevisionAdapter(Adapter):
@@ -46,16 +39,7 @@ class LlavaOnevisionAdapter(Adapter):
     def captures(self, model: nn.Module, signals: frozenset[str]) -> list[Capture]:
         if "pixels" not in signals:
             return []
-        return [Capture("pixels", self.inner(model).vision_tower, _tower_pixels)]
-
-    def video_pixels(self, model: nn.Module, call: CallContext, frames: list[int]) -> list[torch.Tensor] | None:
-        """Per video, its ``(F, C, g*p, g*p)`` frames as the vision tower saw them (None if not captured)."""
-        pixels = tail_frames(call.captured.get("pixels", []), sum(frames))
-        if pixels is None:
-            return None
-        patch = model.config.vision_config.patch_size
-        side_h, side_w = (pixels.shape[-2] // patch) * patch, (pixels.shape[-1] // patch) * patch
-        return list(pixels[..., :side_h, :side_w].split(frames))
+        return [Capture("pixels", self.inner(model).vision_tower, tower_pixels)]
 
     def spans(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
         h, w = self.frame_grid(model)
@@ -72,10 +56,7 @@ class LlavaOnevisionAdapter(Adapter):
             if rest or frames < 1:
                 raise RuntimeError(f"a LLaVA-OneVision video span of {pos.numel()} tokens is not F*{h}*{w}+1")
             spans.append(VideoSpan(row=row, positions=pos[:-1], grid=(frames, h, w), specials=pos[-1:]))
-        if "pixels" in call.captured:
-            pixels = self.video_pixels(model, call, [span.grid[0] for span in spans])
-            for span, frames in zip(spans, pixels or []):
-                span.signals["pixels"] = frames
+        attach_frames(spans, call, model.config.vision_config.patch_size)
         return spans
 
 

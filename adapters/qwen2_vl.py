@@ -3,16 +3,19 @@
 Each video is one contiguous run of ``video_token_id`` tokens: ``t * (H/m) * (W/m)`` merged patches
 in raster order over (temporal patch, row, column), ``m`` = spatial merge size, one temporal patch =
 ``temporal_patch_size`` (2) frames. Positions are M-RoPE ``[4, B, L]`` (text row + t/h/w rows).
-``generate`` encodes the video before the first forward and drops ``video_grid_thw``, so the grid is
-read by a pre-hook on the vision tower (``grid_thw``).
 
-Signal ``"pixels"``: the same pre-hook point records the flattened patches the tower receives,
-``(t*gh*gw, C*tps*p*p)`` in the processor's order (temporal patch, merged row, merged column, then
-the ``m x m`` patches of each merged token). :func:`patches_to_frames` undoes that order to
-``(t*tps, C, gh*p, gw*p)`` normalised frames (a video with an odd frame count holds the repeated
-last frame the processor padded it with). Merged token ``(t, y, x)`` covers frames
-``tps*t .. tps*t + tps - 1`` and the ``m*p``-pixel square at ``(y*m*p, x*m*p)``: exactly the
-equal bins ``evs_pixel`` uses.
+The grid comes from ``video_grid_thw`` when the forward receives it. ``generate`` instead encodes the
+videos before the first forward, drops ``video_grid_thw`` and may repeat videos for beams, so there
+the per-video token counts come from the pre-encoded features and ``(h, w)`` from the height/width
+M-RoPE rows, which number each frame's tokens ``y`` and ``x`` from a common start.
+
+Signal ``"pixels"``: a pre-hook on the vision tower (``visual``, shared with images, which are
+encoded first) records the flattened patches it receives, ``(t*gh*gw, C*tps*p*p)`` in the
+processor's order (temporal patch, merged row, merged column, then the ``m x m`` patches of a merged
+token), with their ``grid_thw``. :func:`patches_to_frames` undoes that order to ``(t*tps, C, gh*p,
+gw*p)`` normalised frames (a video with an odd frame count holds the repeated last frame the
+processor padded it with). Merged token ``(t, y, x)`` covers frames ``tps*t .. tps*t + tps - 1``
+and the ``m*p``-pixel square at ``(y*m*p, x*m*p)``: exactly the equal bins ``evs_pixel`` uses.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLModel,
@@ -28,21 +31,39 @@ from transformers import (
     Qwen2VLModel,
 )
 
-from .base import Adapter, CallContext, Capture, VideoSpan, split_videos
+from .base import Adapter, CallContext, Capture, VideoSpan, encoded_offsets, last_capture, split_videos
 
 
-def _grid_thw(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor | None:
-    grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-    return None if grid is None else grid.detach().cpu()
+def grid_from_positions(position_ids: Tensor, row: int, pos: Tensor) -> tuple[int, int, int]:
+    """``(t, h, w)`` of one video from its M-RoPE height/width rows (first frame run gives h and w)."""
+    rows = position_ids[-3:, row, pos] if position_ids.dim() == 3 else None
+    if rows is None:
+        raise RuntimeError("M-RoPE position ids are needed to read a Qwen-VL video grid")
+    hs, ws = rows[1], rows[2]
+    gaps = torch.zeros(pos.numel(), dtype=torch.bool, device=pos.device)
+    gaps[1:] = pos[1:] != pos[:-1] + 1
+    first = pos.numel() if not bool(gaps.any()) else int(gaps.nonzero()[0])
+    h = int(hs[:first].max() - hs[:first].min()) + 1
+    w = int(ws[:first].max() - ws[:first].min()) + 1
+    t, rest = divmod(pos.numel(), h * w)
+    y = torch.arange(h, device=hs.device).repeat_interleave(w)
+    x = torch.arange(w, device=ws.device).repeat(h)
+    if rest == 0:
+        hs_f, ws_f = hs.reshape(t, h * w), ws.reshape(t, h * w)
+        if bool(((hs_f - hs_f.min(1, keepdim=True).values) == y).all()) and bool(
+            ((ws_f - ws_f.min(1, keepdim=True).values) == x).all()
+        ):
+            return t, h, w
+    raise RuntimeError(f"the M-RoPE positions of a {pos.numel()}-token video do not form a raster grid")
 
 
-def _patches(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _patches(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> tuple[Tensor, Tensor] | None:
     patches = kwargs.get("hidden_states", args[0] if args else None)
-    grid = _grid_thw(module, args, kwargs, output)
-    return None if patches is None or grid is None else (patches.detach(), grid)
+    grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+    return None if patches is None or grid is None else (patches.detach(), grid.detach().cpu())
 
 
-def patches_to_frames(patches: torch.Tensor, grid: tuple[int, int, int], merge: int, step: int, patch: int) -> torch.Tensor:
+def patches_to_frames(patches: Tensor, grid: tuple[int, int, int], merge: int, step: int, patch: int) -> Tensor:
     """``(t*gh*gw, C*step*patch*patch)`` flattened patches of one video -> ``(t*step, C, gh*patch, gw*patch)``.
 
     ``grid`` is ``(t, gh, gw)`` in patches (``video_grid_thw``); rows are ordered (t, gh/m, gw/m,
@@ -65,67 +86,52 @@ class Qwen2VLAdapter(Adapter):
         return [model.config.video_token_id]
 
     def captures(self, model: nn.Module, signals: frozenset[str]) -> list[Capture]:
-        visual = self.inner(model).visual
-        caps = [Capture("grid_thw", visual, _grid_thw)]
-        if "pixels" in signals:
-            caps.append(Capture("pixels", visual, _patches))
-        return caps
+        if "pixels" not in signals:
+            return []
+        return [Capture("pixels", self.inner(model).visual, _patches)]
 
-    def video_pixels(self, model: nn.Module, call: CallContext, spans: list[VideoSpan]) -> list[torch.Tensor] | None:
-        """Per span, the frames of the matching item the vision tower encoded (videos come last), or None."""
-        items = [item for item in call.captured.get("pixels", []) if item is not None]
-        grids = [tuple(r) for _, g in items for r in g.tolist()]
-        if len(grids) < len(spans):
-            return None
+    def attach_pixels(self, model: nn.Module, call: CallContext, spans: list[VideoSpan]) -> None:
+        """Give each span its frames from the vision tower's last call (the videos'), in place."""
+        captured = last_capture(call, "pixels")
+        if captured is None or not spans:
+            return
+        patches, grids = captured
+        grids = [tuple(g) for g in grids.tolist()]
         vision = model.config.vision_config
         merge = vision.spatial_merge_size
-        grids = grids[len(grids) - len(spans) :]
-        merged = [(t, h // merge, w // merge) for t, h, w in grids]
-        if merged != [span.grid for span in spans]:
-            raise RuntimeError(
-                f"{self.name}: the vision tower's last grids {merged} do not match the video spans "
-                f"{[span.grid for span in spans]}; cannot attach their pixels"
-            )
-        patches = torch.cat([p for p, _ in items]) if len(items) > 1 else items[0][0]
-        pieces = patches[patches.shape[0] - sum(t * h * w for t, h, w in grids) :].split([t * h * w for t, h, w in grids])
-        return [
-            patches_to_frames(p, g, merge, vision.temporal_patch_size, vision.patch_size)
-            for p, g in zip(pieces, grids)
-        ]
-
-    def video_grids(self, model: nn.Module, call: CallContext) -> list[tuple[int, int, int]]:
-        """``(t, h, w)`` in merged tokens of every video of the call, in order."""
-        merge = model.config.vision_config.spatial_merge_size
-        given = call.inner_kwargs.get("video_grid_thw")
-        if given is not None:
-            rows = [tuple(r) for r in given.tolist()]
-        else:
-            # Images and videos share the tower; videos are encoded last, so take grids from the end
-            # until they account for every video placeholder.
-            seen = [tuple(r) for g in call.captured.get("grid_thw", []) if g is not None for r in g.tolist()]
-            need, rows = int(call.target.sum()), []
-            while seen and need > 0:
-                t, h, w = seen.pop()
-                rows.insert(0, (t, h, w))
-                need -= t * h * w // merge**2
-            if need != 0:
+        starts = encoded_offsets([(span.row, 1) for span in spans], call.target.shape[0], len(grids))
+        pieces = patches.split([t * h * w for t, h, w in grids])
+        for span, i in zip(spans, starts):
+            t, gh, gw = grids[i]
+            if (t, gh // merge, gw // merge) != span.grid:
                 raise RuntimeError(
-                    f"{self.name}: could not match the vision tower's grids to {int(call.target.sum())} video tokens"
+                    f"{self.name}: the vision tower encoded a {grids[i]} video where the prompt holds grid {span.grid}"
                 )
-        return [(t, h // merge, w // merge) for t, h, w in rows]
+            span.signals["pixels"] = patches_to_frames(pieces[i], grids[i], merge, vision.temporal_patch_size, vision.patch_size)
 
     def spans(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
-        grids = self.video_grids(model, call)
+        merge = model.config.vision_config.spatial_merge_size
         step = model.config.vision_config.temporal_patch_size
-        located = split_videos(call.target, [t * h * w for t, h, w in grids])
+        given = call.inner_kwargs.get("video_grid_thw")
+        encoded = (call.inner_kwargs.get("mm_encoder_outputs") or {}).get("video")
+        grids: list[tuple[int, int, int]] | None = None
+        counts: list[int] | None = None
+        if given is not None:
+            grids = [(t, h // merge, w // merge) for t, h, w in given.tolist()]
+            counts = [t * h * w for t, h, w in grids]
+        elif encoded is not None and not isinstance(encoded.pooler_output, Tensor):
+            counts = [len(out) for out in encoded.pooler_output]
+        located = split_videos(call.target, counts)
+        if grids is None:
+            if call.position_ids is None:
+                raise RuntimeError(f"{self.name}: no video_grid_thw and no M-RoPE positions to read the grid from")
+            grids = [grid_from_positions(call.position_ids, row, pos) for row, pos in located]
         empty = torch.zeros(0, dtype=torch.long, device=call.target.device)
         spans = [
             VideoSpan(row=row, positions=pos, grid=grid, specials=empty, frames_per_step=step)
             for (row, pos), grid in zip(located, grids)
         ]
-        if "pixels" in call.captured:
-            for span, frames in zip(spans, self.video_pixels(model, call, spans) or []):
-                span.signals["pixels"] = frames
+        self.attach_pixels(model, call, spans)
         return spans
 
 
