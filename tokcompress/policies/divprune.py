@@ -176,8 +176,8 @@ class DivPrune(Policy):
     def compress(self, tokens: TokenSet) -> Compression:
         cand = tokens.available_index()
         k = max(1, divprune_count(self.retain, cand.numel()))
-        order = divprune(tokens.flat()[cand], k)
-        chosen = cand[order]
+        x = tokens.flat() if tokens.available is None else tokens.flat()[cand]  # no copy when all are present
+        chosen = cand[divprune(x, k)]
         return Compression(keep=torch.sort(chosen).values, info={"order": chosen})
 
 
