@@ -215,7 +215,8 @@ def timed(fn: Callable[[], object], repeat: int) -> tuple[object, float, int | N
     return out, statistics.median(times), mem
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, save: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """Measure every case; ``save(rows)`` is called after each one, so partial results survive."""
     global DEADLINE
     from tqdm import tqdm
 
@@ -260,6 +261,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 finally:
                     DEADLINE = math.inf
         rows.append(row)
+        save(rows)
     return rows
 
 
@@ -306,17 +308,19 @@ def main(argv: list[str] | None = None) -> int:
     args.dims = args.dims or ([896] if args.quick else [896, 3584])
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(args)
-    table = markdown(rows)
     meta = {
         "torch": torch.__version__, "tokcompress": tokcompress.__version__, "threads": torch.get_num_threads(),
         "machine": platform.machine(), "processor": platform.processor() or platform.platform(),
         "retain": args.retain, "memory": "peak extra RSS during one call (VmHWM reset via clear_refs)",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    args.out.with_suffix(".md").write_text(table)
-    sys.stdout.write(table)
+
+    def save(rows: list[dict]) -> None:
+        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        args.out.with_suffix(".md").write_text(markdown(rows))
+
+    rows = run(args, save)
+    sys.stdout.write(markdown(rows))
     return 0
 
 
