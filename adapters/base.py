@@ -112,6 +112,23 @@ def runs(mask: Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, ends))
 
 
+def counts_from_inputs(call: CallContext, per_frame: int, extra: int = 0, *, pooled: bool = True) -> list[int] | None:
+    """Placeholder tokens of each video: ``frames * per_frame + extra``.
+
+    Frames come from ``pixel_values_videos`` ``(videos, F, C, H, W)`` in a plain forward; under
+    ``generate`` the videos are encoded before the forward, and with ``pooled`` the per-video counts
+    are read from the pre-encoded ``pooler_output`` ``(videos, tokens, D)`` instead. ``None`` when
+    neither is there (then every placeholder run is one video).
+    """
+    pixels = call.inner_kwargs.get("pixel_values_videos")
+    if pixels is not None:
+        return [pixels.shape[1] * per_frame + extra] * pixels.shape[0]
+    encoded = (call.inner_kwargs.get("mm_encoder_outputs") or {}).get("video")
+    if pooled and encoded is not None and isinstance(encoded.pooler_output, Tensor):
+        return [encoded.pooler_output.shape[1]] * encoded.pooler_output.shape[0]
+    return None
+
+
 def split_videos(target: Tensor, counts: list[int] | None) -> list[tuple[int, Tensor]]:
     """Assign placeholder positions to videos, in batch-row then sequence order.
 
@@ -200,3 +217,24 @@ def attach_frames(spans: list[VideoSpan], call: CallContext, patch: int, name: s
     starts = encoded_offsets(items, call.target.shape[0], pixels.shape[0])
     for span, start in zip(spans, starts):
         span.signals["pixels"] = crop_to_patches(pixels[start : start + span.grid[0]], patch)
+def frame_slices(frames: list[int], total: int) -> list[tuple[int, int]] | None:
+    """Where each video's frames lie in a vision-tower call that saw ``total`` frames.
+
+    ``frames`` are the frame counts of the located videos in span order. Usually the tower saw them
+    all, one after another. ``generate`` with beams or several return sequences encodes each video
+    once and then repeats it ``r`` times in a row (``repeat_interleave``); then span ``i`` reads video
+    ``i // r``. Returns ``(start, end)`` per video, or None when the call cannot be matched.
+    """
+    if not frames or total <= 0:
+        return None
+    seen = sum(frames)
+    if seen % total:
+        return None
+    r = seen // total
+    if len(frames) % r or any(len(set(frames[i : i + r])) != 1 for i in range(0, len(frames), r)):
+        return None
+    out, start = [], 0
+    for i in range(0, len(frames), r):
+        out += [(start, start + frames[i])] * r
+        start += frames[i]
+    return out

@@ -2,7 +2,9 @@
 
 Per frame the CLIP patch grid (CLS dropped by the "default" feature strategy) is pooled by the
 ``vision_resampler`` with stride ``spatial_pool_stride`` and projected; the span holds ``F * h * w``
-tokens, no newline for videos. Positions are 1-D.
+tokens, no newline for videos. Positions are 1-D. Signals: TS-LLaVA thumbnails (``adapters/thumbnail.py``)
+and VisionZip's CLS-row attention and keys (``adapters/visionzip_signals.py``, average-pooled like the
+features, whatever ``spatial_pool_mode`` the resampler uses).
 
 Signal ``"pixels"``: a pre-hook on the vision tower (shared with images, which are encoded first)
 records the ``(videos * F, C, H, W)`` frames. Token ``(y, x)`` pools patches ``y*s .. y*s + s - 1``
@@ -13,16 +15,28 @@ records the ``(videos * F, C, H, W)`` frames. Token ``(y, x)`` pools patches ``y
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import LlavaNextVideoForConditionalGeneration, LlavaNextVideoModel
 
-from .base import Adapter, CallContext, Capture, VideoSpan, attach_frames, split_videos, tower_pixels
+from .base import (
+    Adapter,
+    CallContext,
+    Capture,
+    VideoSpan,
+    attach_frames,
+    counts_from_inputs,
+    split_videos,
+    tower_pixels,
+)
+from .thumbnail import THUMBNAIL_SIGNALS, ThumbnailSupport
+from .visionzip_signals import VISIONZIP_SIGNALS, attach_visionzip_signals, encoder_layers, feature_layer_index, visionzip_capture
 
 
-class LlavaNextVideoAdapter(Adapter):
+class LlavaNextVideoAdapter(ThumbnailSupport, Adapter):
     name = "llava_next_video"
     model_classes = (LlavaNextVideoForConditionalGeneration, LlavaNextVideoModel)
-    signals = frozenset({"pixels"})
+    signals = THUMBNAIL_SIGNALS | VISIONZIP_SIGNALS | {"pixels"}
 
     def placeholder_ids(self, model: nn.Module) -> list[int]:
         return [model.config.video_token_id]
@@ -34,19 +48,20 @@ class LlavaNextVideoAdapter(Adapter):
         return side, side
 
     def captures(self, model: nn.Module, signals: frozenset[str]) -> list[Capture]:
-        if "pixels" not in signals:
-            return []
-        return [Capture("pixels", self.inner(model).vision_tower, tower_pixels)]
+        out = self.thumbnail_captures(model, signals)
+        if VISIONZIP_SIGNALS & signals:  # CLIP: the CLS row; average-pooled to the token grid
+            inner = self.inner(model)
+            layers = encoder_layers(inner.vision_tower)
+            layer = layers[feature_layer_index(len(layers), inner.config.vision_feature_layer)]
+            stride = model.config.spatial_pool_stride
+            out.append(visionzip_capture(layer, has_cls=True, pool=lambda g: F.avg_pool2d(g, stride)))
+        if "pixels" in signals:  # evs_pixel: the frames as the tower receives them
+            out.append(Capture("pixels", self.inner(model).vision_tower, tower_pixels))
+        return out
 
     def spans(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
         h, w = self.frame_grid(model)
-        counts = None
-        pixels = call.inner_kwargs.get("pixel_values_videos")
-        encoded = (call.inner_kwargs.get("mm_encoder_outputs") or {}).get("video")
-        if pixels is not None:  # (videos, frames, C, H, W)
-            counts = [pixels.shape[1] * h * w] * pixels.shape[0]
-        elif encoded is not None:  # pooler_output (videos, F*h*w, D)
-            counts = [encoded.pooler_output.shape[1]] * encoded.pooler_output.shape[0]
+        counts = counts_from_inputs(call, h * w, 0)
         spans = []
         empty = torch.zeros(0, dtype=torch.long, device=call.target.device)
         for row, pos in split_videos(call.target, counts):
@@ -55,6 +70,8 @@ class LlavaNextVideoAdapter(Adapter):
                 raise RuntimeError(f"a LLaVA-NeXT-Video span of {pos.numel()} tokens is not F*{h}*{w}")
             spans.append(VideoSpan(row=row, positions=pos, grid=(frames, h, w), specials=empty))
         attach_frames(spans, call, model.config.vision_config.patch_size * model.config.spatial_pool_stride)
+        attach_visionzip_signals(call, spans, [s.grid[0] for s in spans])
+        self.attach_thumbnails(model, call, spans, [s.grid[0] for s in spans])
         return spans
 
 

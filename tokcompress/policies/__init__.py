@@ -4,5 +4,24 @@ from .baselines import Frames, KeepAll, Pool, RandomKeep, Uniform
 from .divprune import DivPrune
 from .evs import EVS
 from .evs_pixel import EVSPixel
+from .llava_scissor import LlavaScissor
+from .sttm import STTM
+from .ts_llava import TSLLaVA
+from .vidcom2 import VidCom2
+from .visionzip import VisionZip
 
-__all__ = ["DivPrune", "EVS", "EVSPixel", "Frames", "KeepAll", "Pool", "RandomKeep", "Uniform"]
+__all__ = [
+    "DivPrune",
+    "EVS",
+    "EVSPixel",
+    "Frames",
+    "KeepAll",
+    "LlavaScissor",
+    "Pool",
+    "RandomKeep",
+    "STTM",
+    "TSLLaVA",
+    "Uniform",
+    "VidCom2",
+    "VisionZip",
+]
