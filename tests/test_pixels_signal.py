@@ -24,7 +24,7 @@ from conftest import batch_inputs, tiny
 from reference import capture_lm_inputs, manual_greedy, same_greedy, wrapped_greedy
 from test_policies_evs_divprune import divprune_reference, evs_reference
 
-STEPS = 3
+STEPS = 2
 
 
 def test_patches_to_frames_inverts_the_qwen_video_processor():
@@ -149,6 +149,20 @@ def test_generate_matches_manual_reference(family, name):
         assert video.keep.numel() == want
         assert rec.video_tokens_after == want + (rec.video_tokens_before - t * n)
         ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, STEPS)
+        torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0)
+        assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id)
+
+
+def test_divprune_compacted_positions_match_a_renumbered_reference():
+    family = "llava_onevision"
+    model, _ = tiny(family)
+    inputs = batch_inputs(family, 2)
+    captured = _CAPTURED.get(family) or capture_lm_inputs(model, inputs)
+    with tc.compressed(model, "divprune", retain=0.3, positions="compacted"):
+        first, tokens = wrapped_greedy(model, inputs, STEPS)
+        records = tc.last_record(model)
+    for row in range(2):
+        ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, STEPS, compacted=True)
         torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0)
         assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id)
 

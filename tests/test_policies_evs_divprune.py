@@ -141,6 +141,12 @@ def test_divprune_after_another_policy_uses_available_tokens_only():
     assert torch.equal(out.keep, want)
 
 
+def test_divprune_positions_option():
+    assert DivPrune(retain=0.5, positions="compacted").positions == "compacted"
+    with pytest.raises(ValueError, match="positions"):
+        DivPrune(retain=0.5, positions="renumbered")
+
+
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, "0.5", True])
 def test_bad_retain_raises(bad):
     for cls in (DivPrune, EVS, EVSPixel):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..policy import Policy
+from ..policy import Policy, check_positions
 from ..registry import register
 from ..tokens import Compression, TokenSet
 
@@ -162,8 +162,10 @@ class DivPrune(Policy):
     token of the reference's greedy order, i.e. the most isolated one); the core :func:`divprune`
     itself returns an empty selection for ``k = 0``.
 
-    Survivors keep their own embeddings and their original positions; ``info["order"]`` holds the
-    flat indices in selection order.
+    Survivors keep their own embeddings; ``info["order"]`` holds the flat indices in selection order.
+    ``positions``: ``"kept"`` (default: survivors keep their original position ids) or
+    ``"compacted"`` (the shortened prompt renumbered consecutively, as the reference's rebuilt input
+    is; 1-D positions only, M-RoPE families keep their ids).
 
     Shapes: ``tokens.features`` ``(T, n, D)`` -> ``keep`` ``(K,)`` sorted flat indices.
     Reference: ``vbdi/divprune`` @ ``799e2d95``, ``LlavaMetaForCausalLM.DivPrune``. Deviation: the
@@ -172,6 +174,11 @@ class DivPrune(Policy):
     """
 
     retain: float = 0.25
+    positions: str = "kept"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positions(self.positions)
 
     def compress(self, tokens: TokenSet) -> Compression:
         cand = tokens.available_index()
