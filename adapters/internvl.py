@@ -1,5 +1,7 @@
 """InternVL. Its processor writes each frame as ``Frame{i}: <img>`` + image tokens + ``</img>``;
-tokens per frame = ``(image_size // patch_size * downsample_ratio) ** 2`` after pixel shuffle."""
+tokens per frame = ``(image_size // patch_size * downsample_ratio) ** 2`` after pixel shuffle, which
+gathers ``1 / downsample_ratio`` patches square into one token (row blocks stay rows), so a token
+covers ``patch_size / downsample_ratio`` pixels square (28 at 14 / 0.5)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,14 @@ class InternVLAdapter(FramesAsImagesAdapter):
             vision.image_size // vision.patch_size
         )
         return int(side * model.config.downsample_ratio) ** 2
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return self.inner(model).vision_tower
+
+    def pixels_per_token(self, model: nn.Module) -> int:
+        vision = model.config.vision_config
+        patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
+        return round(patch / model.config.downsample_ratio)
 
 
 __all__ = ["InternVLAdapter"]

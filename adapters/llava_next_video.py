@@ -4,11 +4,16 @@ Per frame the CLIP patch grid (CLS dropped by the "default" feature strategy) is
 ``vision_resampler`` with stride ``spatial_pool_stride`` and projected; the span holds ``F * h * w``
 tokens, no newline for videos. Positions are 1-D. Signals: TS-LLaVA thumbnails (``adapters/thumbnail.py``)
 and VisionZip's CLS-row attention and keys (``adapters/visionzip_signals.py``, average-pooled like the
-features, whatever ``spatial_pool_mode`` the resampler uses). ``"vision_attention"`` (attention each
-patch receives, mean over heads and queries) and ``"frame_query_attention"`` (the CLS query's attention
-over the patches, mean over heads) of the same layer (``adapters/vision_signals.py``), pooled with the
-resampler's window (average; max for ``"max"``; average for ``"conv"``, whose learned kernel has no
-attention analogue).
+features, whatever ``spatial_pool_mode`` the resampler uses).
+
+Signal ``"pixels"``: a pre-hook on the vision tower (shared with images, which are encoded first)
+records the ``(videos * F, C, H, W)`` frames. Token ``(y, x)`` pools patches ``y*s .. y*s + s - 1``
+(``s`` = stride), i.e. the ``s*p``-pixel square at ``(y*s*p, x*s*p)``; the frames are cropped to the
+``h*s*p`` square the tokens cover, so the bins ``evs_pixel`` uses are exactly those squares.
+Signals ``"vision_attention"`` (attention each patch receives, mean over heads and queries) and
+``"frame_query_attention"`` (the CLS query's attention over the patches, mean over heads) of the
+feature layer (``adapters/vision_signals.py``), pooled with the resampler's window (average; max for ``"max"``;
+average for ``"conv"``, whose learned kernel has no attention analogue).
 """
 
 from __future__ import annotations
@@ -18,7 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import LlavaNextVideoForConditionalGeneration, LlavaNextVideoModel
 
-from .base import Adapter, CallContext, Capture, VideoSpan, counts_from_inputs, split_videos
+from .base import (
+    Adapter,
+    CallContext,
+    Capture,
+    VideoSpan,
+    attach_frames,
+    counts_from_inputs,
+    split_videos,
+    tower_pixels,
+)
 from .thumbnail import THUMBNAIL_SIGNALS, ThumbnailSupport
 from .vision_signals import ATTENTION_SIGNALS, attach_frame_signals, feature_layer, layer_attention_capture
 from .visionzip_signals import VISIONZIP_SIGNALS, attach_visionzip_signals, encoder_layers, feature_layer_index, visionzip_capture
@@ -27,7 +41,7 @@ from .visionzip_signals import VISIONZIP_SIGNALS, attach_visionzip_signals, enco
 class LlavaNextVideoAdapter(ThumbnailSupport, Adapter):
     name = "llava_next_video"
     model_classes = (LlavaNextVideoForConditionalGeneration, LlavaNextVideoModel)
-    signals = THUMBNAIL_SIGNALS | VISIONZIP_SIGNALS | frozenset(ATTENTION_SIGNALS)
+    signals = THUMBNAIL_SIGNALS | VISIONZIP_SIGNALS | {"pixels", *ATTENTION_SIGNALS}
 
     def placeholder_ids(self, model: nn.Module) -> list[int]:
         return [model.config.video_token_id]
@@ -46,6 +60,8 @@ class LlavaNextVideoAdapter(ThumbnailSupport, Adapter):
             layer = layers[feature_layer_index(len(layers), inner.config.vision_feature_layer)]
             stride = model.config.spatial_pool_stride
             out.append(visionzip_capture(layer, has_cls=True, pool=lambda g: F.avg_pool2d(g, stride)))
+        if "pixels" in signals:  # evs_pixel: the frames as the tower receives them
+            out.append(Capture("pixels", self.inner(model).vision_tower, tower_pixels))
         wanted = [s for s in ATTENTION_SIGNALS if s in signals]
         if wanted:
             inner = self.inner(model)
@@ -73,6 +89,7 @@ class LlavaNextVideoAdapter(ThumbnailSupport, Adapter):
             if rest or frames < 1:
                 raise RuntimeError(f"a LLaVA-NeXT-Video span of {pos.numel()} tokens is not F*{h}*{w}")
             spans.append(VideoSpan(row=row, positions=pos, grid=(frames, h, w), specials=empty))
+        attach_frames(spans, call, model.config.vision_config.patch_size * model.config.spatial_pool_stride)
         attach_visionzip_signals(call, spans, [s.grid[0] for s in spans])
         self.attach_thumbnails(model, call, spans, [s.grid[0] for s in spans])
         attach_frame_signals(spans, call, lambda v: self.pool(model, v))

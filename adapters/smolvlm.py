@@ -1,6 +1,8 @@
 """SmolVLM (SmolVLM2). Its processor writes each frame as a timestamp plus
 ``<fake_token_around_image><global-img>`` + ``image_seq_len`` image tokens + ``<fake_token_around_image>``;
-tokens per frame = ``(image_size // patch_size) ** 2 // scale_factor ** 2``. The LM is ``text_model``."""
+tokens per frame = ``(image_size // patch_size) ** 2 // scale_factor ** 2``. The LM is ``text_model``.
+The connector's pixel shuffle gathers ``scale_factor`` patches square into one token (row blocks stay
+rows), so a token covers ``patch_size * scale_factor`` pixels square."""
 
 from __future__ import annotations
 
@@ -33,6 +35,12 @@ class SmolVLMAdapter(FramesAsImagesAdapter):
     def tokens_per_image(self, model: nn.Module) -> int:
         vision = model.config.vision_config
         return (vision.image_size // vision.patch_size) ** 2 // model.config.scale_factor**2
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return self.inner(model).vision_model
+
+    def pixels_per_token(self, model: nn.Module) -> int:
+        return model.config.vision_config.patch_size * model.config.scale_factor
 
 
 __all__ = ["SmolVLMAdapter"]

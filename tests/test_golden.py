@@ -22,6 +22,35 @@ ATOL = 1e-5
 Case = dict[str, Any]
 Outputs = dict[str, torch.Tensor]
 
+
+def _evs(case: Case) -> Outputs:
+    from tokcompress.policies.evs import EVS, evs_retention_mask
+    from tokcompress.tokens import TokenSet
+
+    features, q = case["inputs"]["features"], case["params"]["q"]
+    t, h, w, _ = features.shape
+    s = case["params"]["spatial_merge_size"]
+    assert list(case["params"]["video_size_thw"]) == [t, h * s, w * s]
+    # The policy's retain is 1 - q; its budget must come out as the reference's for this q.
+    keep = EVS(retain=1 - q)(TokenSet(features=features, grid=(t, h, w))).keep
+    return {"mask": evs_retention_mask(features, q), "keep": keep}
+
+
+def _divprune(case: Case) -> Outputs:
+    from tokcompress.policies.divprune import DivPrune, divprune, divprune_count
+    from tokcompress.tokens import TokenSet
+
+    features, ratio = case["inputs"]["features"], case["params"]["ratio"]
+    t, h, w, d = features.shape
+    x = features.reshape(-1, d)
+    order = divprune(x, divprune_count(ratio, x.shape[0]))
+    if order.numel() == 0:  # the core returns nothing; the policy would keep one token (documented clamp)
+        keep = order
+    else:
+        keep = DivPrune(retain=ratio)(TokenSet(features=features, grid=(t, h, w))).keep
+    return {"order": order, "keep": keep, "tokens": x[keep]}
+
+
 def _llava_scissor(case: Case) -> Outputs:
     from tokcompress.policies.llava_scissor import LlavaScissor, scissor
     from tokcompress.tokens import TokenSet
@@ -182,7 +211,9 @@ def _fastvid(case: Case) -> Outputs:
 
 #: case["policy"] -> function(case) -> outputs keyed as in case["expected"] (a subset is fine).
 GOLDEN: dict[str, Callable[[Case], Outputs]] = {
+    "divprune": _divprune,
     "dpc_knn": _dpc_knn,
+    "evs": _evs,
     "fastvid": _fastvid,
     "holitom": _holitom,
     "llava_scissor": _llava_scissor,

@@ -1,6 +1,9 @@
 """Built-in policies. Importing this package registers them."""
 
 from .baselines import Frames, KeepAll, Pool, RandomKeep, Uniform
+from .divprune import DivPrune
+from .evs import EVS
+from .evs_pixel import EVSPixel
 from .fastvid import FastVID
 from .holitom import HoliTom
 from .llava_scissor import LlavaScissor
@@ -10,6 +13,9 @@ from .vidcom2 import VidCom2
 from .visionzip import VisionZip
 
 __all__ = [
+    "DivPrune",
+    "EVS",
+    "EVSPixel",
     "FastVID",
     "Frames",
     "HoliTom",
