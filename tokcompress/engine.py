@@ -38,6 +38,7 @@ class CacheState:
     compact_len: int  # physical prompt length in the cache
     prefix_mask: Tensor  # (B, compact_len) 2-D mask of the compact prompt
     prefix_all_ones: bool
+    shift: Tensor | None = None  # (B,) tokens removed per row when positions are compacted, else None
 
 
 def _sync(device: torch.device) -> None:
@@ -82,6 +83,11 @@ class Session:
         if unsupported:
             raise ValueError(f"policies {unsupported} act inside the language model, which this engine does not support yet")
         self.input_policies = [p for p in stages if p.stage == "input"]
+        # positions="compacted" (some policies offer it to match references that renumber the shortened
+        # sequence) applies to 1-D positions; M-RoPE families always keep the original ids.
+        self.compact_positions = adapter.positions == "1d" and any(
+            getattr(p, "positions", "kept") == "compacted" for p in self.input_policies
+        )
         missing = set(policy.needs) - {"query"} - set(adapter.signals)
         if missing:
             raise MissingSignalError(
@@ -98,7 +104,7 @@ class Session:
         self._inner_start: float | None = None  # clock stamp of the current prefill call (see RowRecord.clock)
         self._stack = ExitStack()
         try:
-            self._install(frozenset(policy.needs))
+            self._install(frozenset(policy.needs) | frozenset(policy.optional_needs))
         except BaseException:
             self._stack.close()
             raise
@@ -212,6 +218,9 @@ class Session:
 
     def _continue(self, kwargs: dict, cache: Cache, state: CacheState) -> dict:
         """A step after a compressed prefill: map the logical 2-D mask to the physical cache."""
+        positions = kwargs.get("position_ids")
+        if state.shift is not None and positions is not None:  # compacted positions continue from the short prompt
+            kwargs = {**kwargs, "position_ids": positions - state.shift.to(positions.device)[:, None]}
         embeds = kwargs.get("inputs_embeds")
         q = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
         decoded = cache.get_seq_length() - state.compact_len
@@ -313,6 +322,11 @@ class Session:
         out["inputs_embeds"] = new_embeds
         out["attention_mask"] = None if (mask is None and not dropped) else new_mask
         new_positions = self._compact_positions(position_ids, index, new_mask, batch, length, dropped, embeds.device)
+        shift = None
+        if self.compact_positions and new_positions is not None:
+            removed = (~keep & valid).long()
+            new_positions = new_positions - removed.cumsum(1).gather(1, index)
+            shift = removed.sum(1)
         if new_positions is not None:
             out["position_ids"] = new_positions
         out.update(self.adapter.gather_extra(kwargs, index, slot_valid))
@@ -330,6 +344,7 @@ class Session:
                 compact_len=compact_len,
                 prefix_mask=new_mask,
                 prefix_all_ones=mask is None and bool(new_mask.all()),
+                shift=shift,
             )
         merged_rows = {row for row, _, _ in new_values}
         self.record = self._rows_record(

@@ -26,6 +26,19 @@ def check_retain(retain: float, name: str = "retain") -> float:
     return float(retain)
 
 
+#: How survivors are numbered: "kept" (original position ids, the engine's default) or "compacted"
+#: (the shortened sequence renumbered consecutively, as references that rebuild the input do; 1-D
+#: positions only, M-RoPE families always keep the original ids).
+POSITIONS = ("kept", "compacted")
+
+
+def check_positions(positions: str) -> str:
+    """Return ``positions`` or raise a ValueError that says what is allowed."""
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}; got {positions!r}")
+    return positions
+
+
 def round_half_up(x: float) -> int:
     """Round to the nearest integer, halves up (Python's round() rounds halves to even)."""
     return int(math.floor(x + 0.5))
@@ -42,7 +55,8 @@ class Policy:
 
     Subclasses set ``name`` (the registry key), declare the extra ``needs`` they read from
     ``TokenSet.signals`` (``"pixels"``, ``"vision_attention"``, ...; ``"query"`` for the question
-    embeddings), and implement :meth:`compress`.
+    embeddings), the ``optional_needs`` they use when available (and replace by a documented
+    substitute otherwise), and implement :meth:`compress`.
     """
 
     retain: float = 0.25
@@ -50,6 +64,8 @@ class Policy:
     name: ClassVar[str] = "policy"
     stage: ClassVar[str] = "input"
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: Signals the policy uses when the adapter can capture them, with a documented fallback otherwise.
+    optional_needs: ClassVar[frozenset[str]] = frozenset()
     #: False for policies that need the whole grid and so must come first in a chain.
     accepts_partial: ClassVar[bool] = True
 
@@ -98,11 +114,16 @@ class Sequential(Policy):
                 raise ValueError(
                     f"policy {child.name!r} needs the full frame grid and cannot follow another policy; put it first"
                 )
-        self.retain = math.prod(p.retain for p in self.policies if p.stage == "input")
+        # Threshold-controlled policies (retain None) count as 1: their kept fraction is data-dependent.
+        self.retain = math.prod(p.retain for p in self.policies if p.stage == "input" and p.retain is not None)
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
         return frozenset().union(*(p.needs for p in self.policies))
+
+    @property
+    def optional_needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset().union(*(p.optional_needs for p in self.policies)) - self.needs
 
     @property
     def label(self) -> str:
