@@ -32,6 +32,8 @@ What is timed (also written into every output):
   physical limit of the LM ratio; ``gap`` = LM ratio / FLOPs ratio (1.0 = no overhead at all).
   ``bare LM ratio``: the language model called alone on random embeddings of the row's length, over
   the same at full length: what the model itself costs at that length, with no tokcompress code.
+  ``overhead share``: (policy + engine + the row's vision time above ``none``'s, i.e. signals the
+  policy captures in the vision tower) over the prefill time pruning saved.
 * ``peak memory``: tensor memory allocated during one extra (untimed) call above what was allocated
   before it (CUDA: ``max_memory_allocated``; CPU: the torch profiler's allocation events, a lower
   bound). ``KV cache``: bytes of the keys and values in the cache that call returned.
@@ -291,6 +293,7 @@ def derive(runs: list[dict[str, Any]]) -> None:
     full_flops = (base or none or {}).get("flops", {}).get("total")
     full_prefill = none["parts"]["prefill"]["median_s"] if none and none.get("parts") else None
     full_bare = (base or none or {}).get("bare_lm_s")
+    none_vision = none["parts"]["vision"]["median_s"] if none and none.get("parts") else None
     for r in runs:
         if "error" in r:
             continue
@@ -304,7 +307,9 @@ def derive(runs: list[dict[str, Any]]) -> None:
             if r.get("flops_ratio"):
                 r["gap"] = r["lm_ratio"] / r["flops_ratio"]
             saved = full_prefill - r["parts"]["prefill"]["median_s"]
-            overhead = r["parts"]["policy"]["median_s"] + r["parts"]["engine"]["median_s"]
+            # signals a policy captures in the vision tower (attention maps, ...) are part of its cost
+            r["vision_extra_s"] = max(0.0, r["parts"]["vision"]["median_s"] - none_vision) if none_vision else 0.0
+            overhead = r["parts"]["policy"]["median_s"] + r["parts"]["engine"]["median_s"] + r["vision_extra_s"]
             r["overhead_share"] = overhead / saved if saved > 0 else None
         if full_bare and r.get("bare_lm_s") is not None:
             r["bare_ratio"] = r["bare_lm_s"] / full_bare
@@ -341,6 +346,10 @@ def _mb(value: int | None) -> str:
     return "–" if value is None else f"{value / 2**20:.1f}"
 
 
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
 def _x(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -358,12 +367,12 @@ def markdown(result: dict[str, Any]) -> str:
         "(same for every row).",
         "",
         "| policy | retain | video tokens | TTFT ms (p90) | TTFT speedup | vision | policy | engine | prefill | "
-        "LM ratio | bare LM ratio | FLOPs ratio | gap | KV MiB | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "LM ratio | bare LM ratio | FLOPs ratio | gap | overhead | KV MiB | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         if "error" in r:
-            lines.append(f"| {r['policy']} | {r['retain']:g} | error: {r['error'][:80]} |" + " |" * 12)
+            lines.append(f"| {r['policy']} | {r['retain']:g} | error: {r['error'][:80]} |" + " |" * 13)
             continue
         parts = r.get("parts") or {}
         med = {k: v["median_s"] for k, v in parts.items()}
@@ -375,7 +384,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['policy']} | {r['retain']:g} | {tokens} | {_ms(r['ttft']['median_s'])} ({_ms(r['ttft']['p90_s'])}) | "
             f"{_x(r.get('ttft_speedup'))}x | {_ms(med.get('vision'))} | {_ms(med.get('policy'))} | {_ms(med.get('engine'))} | "
             f"{_ms(med.get('prefill'))} | {_x(r.get('lm_ratio'), 3)} | {_x(r.get('bare_ratio'), 3)} | "
-            f"{_x(r.get('flops_ratio'), 3)} | {gap} | "
+            f"{_x(r.get('flops_ratio'), 3)} | {gap} | {_pct(r.get('overhead_share'))} | "
             f"{_mb(r.get('kv_cache_bytes'))} | {_mb(r.get('peak_memory_bytes'))} |"
         )
     lines += [
@@ -383,8 +392,11 @@ def markdown(result: dict[str, Any]) -> str:
         "Times in ms (medians). LM ratio = (policy + engine + prefill) / prefill of `none`; bare LM ratio = the "
         "language model alone on random embeddings of the kept length / of the full length (what the model itself "
         "costs, no tokcompress); FLOPs ratio = analytic prefill FLOPs / uncompressed; gap = LM ratio / FLOPs ratio "
-        f"(goal at retain {GOAL_RETAIN:g}: gap ≤ {GOAL_GAP}, ✓/✗). LM ratio above bare LM ratio is tokcompress's "
-        "overhead; bare LM ratio above FLOPs ratio is the model running short sequences less efficiently.",
+        f"(goal at retain {GOAL_RETAIN:g}: gap ≤ {GOAL_GAP}, ✓/✗); overhead = (policy + engine + vision time above "
+        "`none`'s) / prefill time saved. LM ratio above bare LM ratio is tokcompress's "
+        "overhead; bare LM ratio above FLOPs ratio is the model running short sequences less efficiently. "
+        "`vision` includes the signals a policy captures in the vision tower (attention maps for FastVID, HoliTom, "
+        "VisionZip, ...): compare it with `none`'s.",
     ]
     for r in result["runs"]:
         if r.get("profile"):

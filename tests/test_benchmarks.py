@@ -91,6 +91,7 @@ def test_ttft_benchmark_rows_ratios_and_files(ttft_run):
     assert saved["runs"][3]["policy"] == "uniform"
     table = (out / "ttft-default-cpu.md").read_text()
     assert "| uniform | 0.5 | 197/393 |" in table and "error: TypeError" in table
+    assert table.count("\n|---") == 1 and all(line.count("|") == 17 for line in table.splitlines() if line.startswith("| "))
     assert (out / "ttft-default-cpu.png").stat().st_size > 10_000
     assert uniform["meets_goal"] is False and "aten::" in uniform["profile"]
     assert "Profile of one call, uniform(retain=0.5)" in table
