@@ -36,7 +36,9 @@ def _machine(result: dict[str, Any]) -> str:
     m, v = result["machine"], result["versions"]
     where = m.get("gpu") or f"{m['cpu']}, {m['cpu_cores']} cores ({m['torch_threads']} torch threads)"
     memory = f", {m['memory_bytes'] / 2**30:.0f} GiB RAM" if m.get("memory_bytes") else ""
-    commit = f", commit {v['git_commit'][:7]}{' (modified)' if v.get('git_dirty') else ''}" if v.get("git_commit") else ""
+    commit = (
+        f", commit {v['git_commit'][:7]}{' (modified)' if v.get('git_dirty') else ''}" if v.get("git_commit") else ""
+    )
     return (
         f"{where}{memory}; torch {v.get('torch')}, transformers {v.get('transformers')}, tokcompress {v.get('tokcompress')}"
         f"{commit}; measured {result['date']}"
@@ -72,7 +74,9 @@ def _ours(results: list[dict[str, Any]], policy: str, retain: float | None) -> s
         for r in sorted(runs, key=lambda r: -r["retain"]):
             limit = f", FLOPs limit {1 / r['flops_ratio']:.1f}x" if r.get("flops_ratio") else ""
             lm = f", LM prefill {r['lm_speedup']:.2f}x" if r.get("lm_speedup") else ""
-            parts.append(f"{r['retain']:g}: TTFT {r.get('ttft_speedup', float('nan')):.2f}x{lm}{limit} ({model}, {where})")
+            parts.append(
+                f"{r['retain']:g}: TTFT {r.get('ttft_speedup', float('nan')):.2f}x{lm}{limit} ({model}, {where})"
+            )
     return "; ".join(parts) if parts else "not measured (policy not registered when the benchmark ran)"
 
 
@@ -113,7 +117,9 @@ def section(results_dir: Path, root: Path) -> str:
     if gpu.exists():
         result = json.loads(gpu.read_text())
         found.append(result)
-        lines += _ttft_block(result, "Time to first token: LLaVA-OneVision-7B shape on a GPU", gpu.with_suffix(".png"), root)
+        lines += _ttft_block(
+            result, "Time to first token: LLaVA-OneVision-7B shape on a GPU", gpu.with_suffix(".png"), root
+        )
     lines += _papers_block(found)
     for jsonl in sorted(results_dir.glob("videoqa-*.jsonl")):
         rows = list(videoqa.load_done(jsonl).values())
@@ -129,7 +135,9 @@ def section(results_dir: Path, root: Path) -> str:
 
 def render(readme: str, body: str) -> str:
     if readme.count(START) != 1 or readme.count(END) != 1 or readme.index(START) > readme.index(END):
-        raise SystemExit(f"README must hold exactly one {START} ... {END} pair (in that order); add them where the results go")
+        raise SystemExit(
+            f"README must hold exactly one {START} ... {END} pair (in that order); add them where the results go"
+        )
     head, rest = readme.split(START, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{START}\n{body}{END}{tail}"

@@ -87,26 +87,34 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
         if args.frames:
             spec["video"]["frames"] = args.frames
         model, processor = common.build_shape(spec, device=args.device, dtype=dtype, attn=args.attn)
-        return model, processor, {
-            "kind": "shape",
-            "shape": spec["name"],
-            "checkpoint": spec.get("checkpoint"),
-            "note": spec.get("note"),
-            "frames": spec["video"]["frames"],
-            "video_size": spec["video"]["size"],
-        }
+        return (
+            model,
+            processor,
+            {
+                "kind": "shape",
+                "shape": spec["name"],
+                "checkpoint": spec.get("checkpoint"),
+                "note": spec.get("note"),
+                "frames": spec["video"]["frames"],
+                "video_size": spec["video"]["size"],
+            },
+        )
     shape = dict(BENCHMARK_SHAPE)
     if args.frames:
         shape["frames"] = args.frames
     model, processor = build("llava_onevision", attn_implementation=args.attn, **shape)
     model.to(device=args.device, dtype=dtype)
-    return model, processor, {
-        "kind": "default",
-        "shape": "tokcompress.tiny.BENCHMARK_SHAPE (LLaVA-OneVision layout, random weights)",
-        "overrides": shape,
-        "frames": shape["frames"],
-        "video_size": shape["image_size"],
-    }
+    return (
+        model,
+        processor,
+        {
+            "kind": "default",
+            "shape": "tokcompress.tiny.BENCHMARK_SHAPE (LLaVA-OneVision layout, random weights)",
+            "overrides": shape,
+            "frames": shape["frames"],
+            "video_size": shape["image_size"],
+        },
+    )
 
 
 def _dtype(args: argparse.Namespace) -> torch.dtype:
@@ -201,11 +209,15 @@ def _as_row(model: Any, row: dict[str, Any]) -> Iterator[Any]:
     if row["policy"] == "unwrapped":
         yield model
     else:
-        with tc.compressed(model, row["policy"], None if row["policy"] == "none" else row["retain"], **row["params"]) as wrapped:
+        with tc.compressed(
+            model, row["policy"], None if row["policy"] == "none" else row["retain"], **row["params"]
+        ) as wrapped:
             yield wrapped
 
 
-def _policy_runs(model: Any, inputs: dict[str, Any], args: argparse.Namespace, names: Sequence[str]) -> list[dict[str, Any]]:
+def _policy_runs(
+    model: Any, inputs: dict[str, Any], args: argparse.Namespace, names: Sequence[str]
+) -> list[dict[str, Any]]:
     """Every row: first its untimed facts, then the timed repeats, interleaved over the rows.
 
     Interleaving (repeat 1 of every row, then repeat 2, ...) makes a drift in machine speed (other
@@ -263,7 +275,9 @@ def _policy_runs(model: Any, inputs: dict[str, Any], args: argparse.Namespace, n
         row["ttft"] = total.as_dict()
         row["parts"] = {k: v.as_dict() for k, v in parts.items()}
         if parts:
-            lm = [p + e + f for p, e, f in zip(parts["policy"].seconds, parts["engine"].seconds, parts["prefill"].seconds)]
+            lm = [
+                p + e + f for p, e, f in zip(parts["policy"].seconds, parts["engine"].seconds, parts["prefill"].seconds)
+            ]
             row["lm_s"] = statistics.median(lm)
     return rows
 
@@ -376,7 +390,9 @@ def markdown(result: dict[str, Any]) -> str:
             continue
         parts = r.get("parts") or {}
         med = {k: v["median_s"] for k, v in parts.items()}
-        tokens = "–" if r.get("video_tokens_before") is None else f"{r['video_tokens_after']}/{r['video_tokens_before']}"
+        tokens = (
+            "–" if r.get("video_tokens_before") is None else f"{r['video_tokens_after']}/{r['video_tokens_before']}"
+        )
         gap = _x(r.get("gap"))
         if "meets_goal" in r:
             gap += " ✓" if r["meets_goal"] else " ✗"
@@ -400,7 +416,14 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for r in result["runs"]:
         if r.get("profile"):
-            lines += ["", f"Profile of one call, {r['label']} (top operators):", "", "```", r["profile"].rstrip(), "```"]
+            lines += [
+                "",
+                f"Profile of one call, {r['label']} (top operators):",
+                "",
+                "```",
+                r["profile"].rstrip(),
+                "```",
+            ]
     return "\n".join(lines)
 
 
@@ -419,7 +442,9 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
         xs = [r.get("retained_fraction", r["retain"]) for r in mine]
         axes[0].plot(xs, [r.get("ttft_speedup", float("nan")) for r in mine], marker="o", label=name)
         axes[1].plot(xs, [r.get("lm_speedup", float("nan")) for r in mine], marker="o", label=name)
-    bound = sorted((r.get("retained_fraction", r["retain"]), 1 / r["flops_ratio"]) for r in rows if r.get("flops_ratio"))
+    bound = sorted(
+        (r.get("retained_fraction", r["retain"]), 1 / r["flops_ratio"]) for r in rows if r.get("flops_ratio")
+    )
     if bound:
         axes[1].plot(*zip(*bound), "k--", lw=1, label="FLOPs limit")
     bare = sorted((r.get("retained_fraction", r["retain"]), 1 / r["bare_ratio"]) for r in rows if r.get("bare_ratio"))
@@ -469,9 +494,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         frames = desc["frames"]
         decode = time_call(lambda: read_clip(path, max_frames=frames), repeats=args.repeats, warmup=1)
         clip = read_clip(path, max_frames=frames)
-        preprocess = time_call(lambda: prepare_inputs(processor, [clip], [args.question]), repeats=args.repeats, warmup=1)
+        preprocess = time_call(
+            lambda: prepare_inputs(processor, [clip], [args.question]), repeats=args.repeats, warmup=1
+        )
     inputs = {
-        k: (v.to(args.device, model.dtype) if torch.is_floating_point(v) else v.to(args.device)) if torch.is_tensor(v) else v
+        k: (
+            (v.to(args.device, model.dtype) if torch.is_floating_point(v) else v.to(args.device))
+            if torch.is_tensor(v)
+            else v
+        )
         for k, v in prepare_inputs(processor, [clip], [args.question]).items()
     }
 
@@ -511,7 +542,11 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _default_tag(args: argparse.Namespace, desc: dict[str, Any]) -> str:
     device = torch.device(args.device).type
-    what = desc.get("shape") if desc["kind"] == "shape" else desc.get("model") if desc["kind"] == "checkpoint" else "default"
+    what = (
+        desc.get("shape")
+        if desc["kind"] == "shape"
+        else desc.get("model") if desc["kind"] == "checkpoint" else "default"
+    )
     return common.slug(f"{what}-{device}")
 
 
@@ -540,17 +575,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--shape", help="a real architecture with random weights: a name from benchmarks/shapes/ or a JSON path")
+    what.add_argument(
+        "--shape", help="a real architecture with random weights: a name from benchmarks/shapes/ or a JSON path"
+    )
     what.add_argument("--model", help="a Hugging Face model id or local folder (real weights)")
     parser.add_argument("--video", help="video file for --model (default: a synthetic clip written with PyAV)")
     parser.add_argument("--frames", type=int, help="frames sampled per video (default: the shape's, 32)")
     parser.add_argument("--question", default="What is moving in this video, and where does it go?")
     parser.add_argument("--policies", help="comma-separated policy names (default: every registered policy)")
-    parser.add_argument("--retain", help=f"comma-separated retain ratios (default: {','.join(map(str, DEFAULT_RETAIN))})")
+    parser.add_argument(
+        "--retain", help=f"comma-separated retain ratios (default: {','.join(map(str, DEFAULT_RETAIN))})"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"
+    )
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory run")

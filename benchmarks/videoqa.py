@@ -61,7 +61,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model", required=True, help="Hugging Face model id or a save_pretrained folder")
     parser.add_argument("--policies", help="comma-separated policy names (default: every registered policy)")
-    parser.add_argument("--retain", help=f"comma-separated retain ratios (default: {','.join(map(str, DEFAULT_RETAIN))})")
+    parser.add_argument(
+        "--retain", help=f"comma-separated retain ratios (default: {','.join(map(str, DEFAULT_RETAIN))})"
+    )
     parser.add_argument("--tasks", default=",".join(BENCHMARKS), help="comma-separated lmms-eval task names")
     parser.add_argument("--limit", type=float, help="documents per task (an int), or a fraction of them")
     parser.add_argument("--include-path", help="folder of extra lmms-eval task YAMLs")
@@ -140,7 +142,9 @@ def _metric(row: dict[str, Any], preferred: str | None) -> tuple[str, float] | N
     return None
 
 
-def run_one(model: Any, processor: Any, policy: str, retain: float, task: str, args: argparse.Namespace) -> dict[str, Any] | None:
+def run_one(
+    model: Any, processor: Any, policy: str, retain: float, task: str, args: argparse.Namespace
+) -> dict[str, Any] | None:
     """Evaluate one (policy, retain, task); the JSONL row (None on processes other than 0)."""
     import tokcompress as tc
     from lmms_eval.evaluator import simple_evaluate
@@ -205,8 +209,11 @@ def summarize(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 "accuracy_retained": r["score"] / b["score"] if b and b["score"] else None,
                 "ttft_speedup": b["ttft_s"] / r["ttft_s"] if b and b.get("ttft_s") and r.get("ttft_s") else None,
                 "ttft_s": r.get("ttft_s"),
-                "tokens": f"{r['video_tokens_after']:.0f}/{r['video_tokens_before']:.0f}"
-                if r.get("video_tokens_before") else "–",
+                "tokens": (
+                    f"{r['video_tokens_after']:.0f}/{r['video_tokens_before']:.0f}"
+                    if r.get("video_tokens_before")
+                    else "–"
+                ),
             }
         )
     return out
@@ -238,7 +245,9 @@ def plot(summary: list[dict[str, Any]], path: str | os.PathLike, title: str = ""
     for s in summary:
         if s["policy"] == "none" or s["accuracy_retained"] is None or s["ttft_speedup"] is None:
             continue
-        points.setdefault(s["policy"], {}).setdefault(s["retain"], []).append((s["ttft_speedup"], s["accuracy_retained"]))
+        points.setdefault(s["policy"], {}).setdefault(s["retain"], []).append(
+            (s["ttft_speedup"], s["accuracy_retained"])
+        )
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for name, by_retain in sorted(points.items()):
         xs, ys, labels = [], [], []
@@ -280,7 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rank == 0:
         print(f"{len(done)} runs already in {out}; {len(todo)} to go", file=sys.stderr)
     if todo:
-        model, processor = load_pretrained(args.model, device=_device(args), dtype=args.dtype, attn_implementation=args.attn)
+        model, processor = load_pretrained(
+            args.model, device=_device(args), dtype=args.dtype, attn_implementation=args.attn
+        )
         for policy, retain, task in tqdm(todo, desc="videoqa", unit="run", disable=rank != 0):
             try:
                 row = run_one(model, processor, policy, retain, task, args)

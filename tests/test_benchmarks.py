@@ -91,7 +91,9 @@ def test_ttft_benchmark_rows_ratios_and_files(ttft_run):
     assert saved["runs"][3]["policy"] == "uniform"
     table = (out / "ttft-default-cpu.md").read_text()
     assert "| uniform | 0.5 | 197/393 |" in table and "error: TypeError" in table
-    assert table.count("\n|---") == 1 and all(line.count("|") == 17 for line in table.splitlines() if line.startswith("| "))
+    assert table.count("\n|---") == 1 and all(
+        line.count("|") == 17 for line in table.splitlines() if line.startswith("| ")
+    )
     assert (out / "ttft-default-cpu.png").stat().st_size > 10_000
     assert uniform["meets_goal"] is False and "aten::" in uniform["profile"]
     assert "Profile of one call, uniform(retain=0.5)" in table
@@ -103,7 +105,9 @@ def test_readme_section_is_generated_from_the_json(ttft_run, tmp_path):
     readme.write_text("# Title\n\nintro\n\n<!-- results:start -->\nold text\n<!-- results:end -->\n\n## After\n")
     assert README_results.main(["--readme", str(readme), "--results", str(out)]) == 0
     text = readme.read_text()
-    assert text.startswith("# Title\n\nintro\n\n<!-- results:start -->\n") and text.endswith("<!-- results:end -->\n\n## After\n")
+    assert text.startswith("# Title\n\nintro\n\n<!-- results:start -->\n") and text.endswith(
+        "<!-- results:end -->\n\n## After\n"
+    )
     assert "old text" not in text
     assert "| uniform | 0.5 | 197/393 |" in text
     assert result["machine"]["cpu"] in text
@@ -139,7 +143,11 @@ def test_sweep_jobs_resume_and_summary(tmp_path):
 def test_task_score_reads_groups_and_named_metrics():
     results = {
         "results": {
-            "videomme": {"alias": "videomme", "videomme_perception_score,none": 55.0, "videomme_perception_score_stderr,none": "N/A"},
+            "videomme": {
+                "alias": "videomme",
+                "videomme_perception_score,none": 55.0,
+                "videomme_perception_score_stderr,none": "N/A",
+            },
             "mvbench_a": {"mvbench_accuracy,none": 40.0},
             "mvbench_b": {"mvbench_accuracy,none": 60.0},
         },

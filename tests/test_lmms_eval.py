@@ -23,7 +23,17 @@ if str(ROOT) not in sys.path:  # benchmarks/ is not installed
 
 pytest.importorskip("lmms_eval")
 
-from eval_fixtures import EXPECTED, FRAMES, METRIC, TASKS, answer_a_model, find_results, find_samples, make_eval_dir, offline_env  # noqa: E402
+from eval_fixtures import (
+    EXPECTED,
+    FRAMES,
+    METRIC,
+    TASKS,
+    answer_a_model,
+    find_results,
+    find_samples,
+    make_eval_dir,
+    offline_env,
+)  # noqa: E402
 
 # 8 frames x 4x4 tokens + 1 trailing newline; uniform keeps round(retain * 16) of each frame's 16.
 TOKENS_BEFORE = FRAMES * 16 + 1
@@ -186,7 +196,10 @@ def test_videoqa_sweep_appends_each_run_and_resumes(env, tmp_path, monkeypatch):
             "--include-path", str(tasks_dir), "--max-frames", str(FRAMES), "--out", str(out)]  # fmt: skip
     assert videoqa.main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["policy"], r["retain"], r["task"]) for r in rows] == [("none", 1.0, "tc_nextqa"), ("uniform", 0.5, "tc_nextqa")]
+    assert [(r["policy"], r["retain"], r["task"]) for r in rows] == [
+        ("none", 1.0, "tc_nextqa"),
+        ("uniform", 0.5, "tc_nextqa"),
+    ]
     assert [r["score"] for r in rows] == [EXPECTED["tc_nextqa"]] * 2
     assert [r["video_tokens_after"] for r in rows] == [TOKENS_BEFORE, TOKENS_AFTER_HALF]
     assert "| tc_nextqa | uniform | 0.5 | 65/129 | 0.75 | 100.0% |" in out.with_suffix(".md").read_text()

@@ -44,7 +44,9 @@ def test_dense_flops_equal_torch_flop_counter(n):
 
 
 def test_causal_count_and_parts_by_hand():
-    shape = LMShape(hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=16, vocab_size=10)
+    shape = LMShape(
+        hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=16, vocab_size=10
+    )
     n = 3
     # q 2*3*8*8, k and v 2*3*8*4 each, o 2*3*8*8; scores and AV: 2 * 2 * heads 2 * hd 4 * pairs 6 (causal)
     attention = 2 * 3 * 8 * 8 + 2 * (2 * 3 * 8 * 4) + 2 * 3 * 8 * 8 + 2 * 2 * 2 * 4 * 6
@@ -118,7 +120,9 @@ def test_kv_cache_bytes_follow_the_compact_prompt():
     model, _ = tiny("llava_onevision")
     inputs = batch_inputs("llava_onevision", batch=1)
     text = model.config.text_config
-    per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
+    per_token = (
+        text.num_hidden_layers * 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
+    )
     with tc.compressed(model, "uniform", retain=0.25):
         out = model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
         record = tc.last_record(model)[0]

@@ -96,7 +96,9 @@ def _as_clip(video: Any, max_frames: int | None, fps: float | None, num_frames: 
     raise TypeError(f"a video must be a file path, a Clip or a uint8 (F, H, W, 3) array; got {type(video).__name__}")
 
 
-def chat_inputs(processor: Any, conversations: Sequence[list[dict]], clips: Sequence[Sequence[Clip]], *, padding_side: str = "left") -> Any:
+def chat_inputs(
+    processor: Any, conversations: Sequence[list[dict]], clips: Sequence[Sequence[Clip]], *, padding_side: str = "left"
+) -> Any:
     """Processor inputs for one chat conversation per batch row.
 
     ``conversations[i]`` is a list of ``{"role", "content": [{"type": "video"}, {"type": "text", "text": ...}]}``
@@ -208,4 +210,3 @@ def load_pretrained(
     if tokenizer is not None:
         tokenizer.padding_side = "left"
     return model, processor
-

@@ -106,7 +106,9 @@ class _Base(lmms):
         from accelerate import Accelerator
 
         if str(batch_size) not in ("1", "auto"):
-            raise ValueError(f"the tokcompress lmms-eval model runs one request at a time; got batch_size={batch_size!r}")
+            raise ValueError(
+                f"the tokcompress lmms-eval model runs one request at a time; got batch_size={batch_size!r}"
+            )
         self.batch_size_per_gpu = 1
         self.max_frames_num = int(max_frames_num) if max_frames_num else None
         self.fps = float(fps) if fps else None
@@ -180,7 +182,9 @@ class _Base(lmms):
         return self._world_size
 
     # -- one request -----------------------------------------------------------------------------------
-    def _respond(self, conversation: list[dict], videos: Sequence[str], gen_kwargs: dict) -> tuple[GenerationResult, dict]:
+    def _respond(
+        self, conversation: list[dict], videos: Sequence[str], gen_kwargs: dict
+    ) -> tuple[GenerationResult, dict]:
         """Answer one conversation; returns the result and its per-request metrics."""
         import tokcompress as tc
 
@@ -192,7 +196,11 @@ class _Base(lmms):
         preprocess = time.perf_counter() - begin
         dtype = self.model.dtype
         inputs = {
-            k: (v.to(self.device, dtype) if torch.is_floating_point(v) else v.to(self.device)) if torch.is_tensor(v) else v
+            k: (
+                (v.to(self.device, dtype) if torch.is_floating_point(v) else v.to(self.device))
+                if torch.is_tensor(v)
+                else v
+            )
             for k, v in batch.items()
         }
         gen_kwargs = dict(gen_kwargs or {})
@@ -247,7 +255,9 @@ class _Base(lmms):
 
         rank, world = _process()
         if world > 1:
-            print(f"tokcompress: process {rank} of {world} answers {len(requests)} requests", file=sys.stderr, flush=True)
+            print(
+                f"tokcompress: process {rank} of {world} answers {len(requests)} requests", file=sys.stderr, flush=True
+            )
         results, metrics = [], []
         for request in tqdm(requests, disable=self.rank != 0, desc=f"tokcompress {self.policy_label}"):
             conversation, videos, gen_kwargs = prepare(request)
