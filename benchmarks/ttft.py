@@ -145,31 +145,44 @@ def _lengths_and_flops(model: Any, record: Any, prompt_length: int) -> tuple[lis
     return lengths, prefill_flops(shape, lengths)
 
 
-def bare_lm_seconds(model: Any, length: int, args: argparse.Namespace, cache: dict[int, float]) -> float:
-    """Median time of the language model alone on ``length`` random embeddings (no hooks, no vision).
+class BareLM:
+    """The language model alone on random embeddings of a given length (no hooks, no vision).
 
     The reference for what the model itself costs at a length: a pruned prefill cannot beat the bare
     model at its kept length, so ``bare ratio / FLOPs ratio`` is the part of the gap that is the
     model's (short sequences use the hardware less well), not tokcompress's.
     """
-    if length not in cache:
+
+    def __init__(self, model: Any) -> None:
         from tokcompress.adapters import adapter_for
+
+        self.model = model
+        self.lm = adapter_for(model).language_model(model)
+        self.width = model.config.get_text_config().hidden_size
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.seconds: dict[int, list[float]] = {}
+
+    def _call(self, length: int) -> None:
+        with torch.no_grad():
+            self.lm(inputs_embeds=self.inputs[length], use_cache=False)
+
+    def prepare(self, length: int) -> None:
+        """Make the input for ``length`` and run it once untimed (warm-up)."""
+        if length not in self.inputs:
+            generator = torch.Generator().manual_seed(length)
+            x = torch.randn(1, length, self.width, generator=generator) * 0.02  # the scale of embedding weights
+            self.inputs[length] = x.to(self.model.device, self.model.dtype)
+            self._call(length)
+
+    def time_once(self, length: int) -> None:
         from tokcompress.timing import time_call
 
-        lm = adapter_for(model).language_model(model)
-        width = model.config.get_text_config().hidden_size
-        x = torch.randn(1, length, width, device=model.device, dtype=model.dtype)
-
-        def call() -> None:
-            with torch.no_grad():
-                lm(inputs_embeds=x, use_cache=False)
-
-        cache[length] = time_call(call, repeats=args.repeats, warmup=1, device=model.device).median
-    return cache[length]
+        timing = time_call(lambda: self._call(length), repeats=1, warmup=0, device=self.model.device)
+        self.seconds.setdefault(length, []).extend(timing.seconds)
 
 
-def _profile(model: Any, inputs: dict[str, Any], args: argparse.Namespace, bare: dict[int, float]) -> dict[str, Any]:
-    """One row's untimed facts: memory, KV bytes, kept tokens, per-layer lengths, FLOPs, bare LM time."""
+def _profile(model: Any, inputs: dict[str, Any], args: argparse.Namespace, bare: BareLM | None) -> dict[str, Any]:
+    """One row's untimed facts: memory, KV bytes, kept tokens, per-layer lengths, FLOPs."""
     import tokcompress as tc
     from tokcompress.timing import cache_bytes, peak_memory
 
@@ -177,7 +190,7 @@ def _profile(model: Any, inputs: dict[str, Any], args: argparse.Namespace, bare:
         with torch.no_grad():
             return model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
 
-    for _ in range(args.warmup):
+    for _ in range(args.warmup - 1 if args.memory else args.warmup):  # the profiled call below warms up too
         call()
     out: dict[str, Any] = {}
     if args.memory:
@@ -196,8 +209,9 @@ def _profile(model: Any, inputs: dict[str, Any], args: argparse.Namespace, bare:
         video_tokens_before=sum(r.video_tokens_before for r in record) if record else None,
         video_tokens_after=sum(r.video_tokens_after for r in record) if record else None,
     )
-    if args.bare and len(set(lengths)) == 1:  # in-layer policies change the length mid-model: no bare reference
-        out["bare_lm_s"] = bare_lm_seconds(model, lengths[0], args, bare)
+    if bare is not None and len(set(lengths)) == 1:  # in-layer policies change the length mid-model: no reference
+        out["bare_length"] = lengths[0]
+        bare.prepare(lengths[0])
     return out
 
 
@@ -232,7 +246,7 @@ def _policy_runs(
         for retain in [1.0] if name == "none" else retains:
             params = {} if name == "none" else dict(common.POLICY_PARAMS.get(name, {}))
             rows.append({"policy": name, "retain": retain, "params": params})
-    bare: dict[int, float] = {}
+    bare = BareLM(model) if args.bare else None
     with torch.no_grad():  # the first calls of a process are slower: keep them out of every row
         for _ in range(2):
             model.generate(**inputs, max_new_tokens=1, do_sample=False)
@@ -255,10 +269,15 @@ def _policy_runs(
     for row in rows:
         attempt(row, lambda m, row=row: row.update(_profile(m, inputs, args, bare)))
     for _ in range(args.repeats):
+        timed_lengths: set[int] = set()
         for i, row in enumerate(rows):
             if "error" in row:
                 progress(row["policy"])
                 continue
+            length = row.get("bare_length")
+            if bare is not None and length is not None and length not in timed_lengths:
+                bare.time_once(length)  # interleaved like the rows: the same machine state
+                timed_lengths.add(length)
 
             def timed(m: Any, i: int = i) -> None:
                 total, parts = ttft_split(m, inputs, repeats=1, warmup=0)
@@ -272,6 +291,8 @@ def _policy_runs(
         if "error" in row or i not in timings:
             continue
         total, parts = timings[i]
+        if bare is not None and row.get("bare_length") in bare.seconds:
+            row["bare_lm_s"] = statistics.median(bare.seconds[row["bare_length"]])
         row["ttft"] = total.as_dict()
         row["parts"] = {k: v.as_dict() for k, v in parts.items()}
         if parts:
