@@ -457,35 +457,38 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
     import matplotlib.ticker
 
     rows = [r for r in result["runs"] if "error" not in r and r["policy"] not in ("unwrapped", "none")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in sorted({r["policy"] for r in rows}):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    names = sorted({r["policy"] for r in rows})
+    colors = plt.get_cmap("tab20")
+    for k, name in enumerate(names):
         mine = sorted((r for r in rows if r["policy"] == name), key=lambda r: r.get("retained_fraction", r["retain"]))
         xs = [r.get("retained_fraction", r["retain"]) for r in mine]
-        axes[0].plot(xs, [r.get("ttft_speedup", float("nan")) for r in mine], marker="o", label=name)
-        axes[1].plot(xs, [r.get("lm_speedup", float("nan")) for r in mine], marker="o", label=name)
+        style = dict(marker="osD^v<>"[k % 7], color=colors(k % 20), label=name, ms=4)
+        axes[0].plot(xs, [r.get("ttft_speedup", float("nan")) for r in mine], **style)
+        axes[1].plot(xs, [r.get("lm_speedup", float("nan")) for r in mine], **style)
     bound = sorted(
         (r.get("retained_fraction", r["retain"]), 1 / r["flops_ratio"]) for r in rows if r.get("flops_ratio")
     )
     if bound:
         axes[1].plot(*zip(*bound), "k--", lw=1, label="FLOPs limit")
-    bare = sorted((r.get("retained_fraction", r["retain"]), 1 / r["bare_ratio"]) for r in rows if r.get("bare_ratio"))
+    bare = [(r.get("retained_fraction", r["retain"]), 1 / r["bare_ratio"]) for r in rows if r.get("bare_ratio")]
     if bare:
-        axes[1].plot(*zip(*bare), "k:", marker=".", lw=1, label="bare LM (no tokcompress)")
+        axes[1].plot(*zip(*bare), "kx", ms=5, label="bare LM (no tokcompress)")
     model = result["config"].get("shape") or result["config"].get("model")
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     for ax, title in zip(axes, ("TTFT speedup vs unwrapped", "LM prefill speedup vs none (incl. policy)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0]))
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.2, 0.5, 1, 2, 3, 5, 10, 20, 30, 50, 100]))
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("retained video tokens (fraction)")
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("speedup (x)")
-    axes[1].legend(fontsize=7, ncol=2)
+    axes[1].legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(f"{model} — {result['machine'].get('gpu') or result['machine']['cpu']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

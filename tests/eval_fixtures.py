@@ -84,6 +84,9 @@ def offline_env(root: Path) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "WANDB_MODE": "disabled",
         "NLTK_DATA": str(root / "nltk_data"),
+        # lmms-eval's nextqa module calls nltk.download at import: make any HTTP attempt fail at once
+        # (a refused local port) instead of waiting on a network that drops packets
+        **{key: "http://127.0.0.1:9" for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
     }
 
 
