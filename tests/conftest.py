@@ -43,3 +43,21 @@ def family(request) -> str:
 @pytest.fixture(params=["sdpa", "eager"])
 def attn(request) -> str:
     return request.param
+
+
+def two_video_inputs(family: str, attn: str = "sdpa"):
+    """Batch 1: one prompt holding two different videos (8 and 4 frames for Qwen-VL; 8 and 8 for the
+    LLaVA families, whose processors stack the videos of a call)."""
+    _, processor = tiny(family, attn)
+    first, second = _videos()
+    if family.startswith("qwen"):
+        second = second[:4]
+    content = [{"type": "video"}, {"type": "video"}, {"type": "text", "text": QUESTIONS[0]}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    metadata = [
+        {"total_num_frames": len(v), "fps": 2.0, "duration": len(v) / 2.0, "frames_indices": list(range(len(v))),
+         "height": v.shape[1], "width": v.shape[2]}
+        for v in (first, second)
+    ]
+    out = processor(text=[text], videos=[first, second], video_metadata=metadata, do_sample_frames=False, return_tensors="pt")
+    return dict(out)

@@ -577,15 +577,6 @@ def test_benchmark_transcriptions_keep_what_the_policies_keep():
         assert torch.equal(ref.visionzip_reference(with_signals, r), VisionZip(retain=r)(with_signals).keep)
 
 
-def test_frame_slices_for_repeated_videos():
-    from tokcompress.adapters.base import frame_slices
-
-    assert frame_slices([3, 5], 8) == [(0, 3), (3, 8)]
-    assert frame_slices([3, 3, 5, 5], 8) == [(0, 3), (0, 3), (3, 8), (3, 8)]  # two beams each
-    assert frame_slices([3, 5, 3, 5], 8) is None  # not a repeat_interleave pattern
-    assert frame_slices([3, 5], 7) is None
-
-
 @pytest.mark.parametrize("name,params", [("visionzip", {"retain": 0.3}), ("ts_llava", {"retain": 0.5, "thumbnail": True})])
 def test_vision_signals_follow_beam_expansion(name, params):
     """With beams, generate repeats each encoded video: every copy gets the video's own signals."""

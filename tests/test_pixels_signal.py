@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tokcompress as tc
-from tokcompress.adapters.base import encoded_offsets
+from tokcompress.adapters.base import encoded_offsets, encoded_offsets_or_none
 from tokcompress.adapters.qwen2_vl import patches_to_frames
 from tokcompress.tiny import FAMILIES
 from tokcompress.tokens import Compression, TokenSet
@@ -51,6 +51,25 @@ def test_encoded_offsets_plain_and_beam_repeated():
     assert encoded_offsets(items, batch=4, encoded=9) == [0, 4, 0, 4, 6, 6]
     with pytest.raises(RuntimeError, match="vision tower saw 8"):
         encoded_offsets([(0, 4), (1, 3)], batch=2, encoded=8)
+    # one 3-frame and one 5-frame video per row; two beams each (rows 0,1 and 2,3)
+    assert encoded_offsets_or_none([(0, 3), (1, 5)], 2, 8) == [0, 3]
+    assert encoded_offsets_or_none([(0, 3), (1, 3), (2, 5), (3, 5)], 4, 8) == [0, 0, 3, 3]
+    # one prompt holding both videos, two beams: each copy reads both videos, in prompt order
+    assert encoded_offsets_or_none([(0, 3), (0, 5), (1, 3), (1, 5)], 2, 8) == [0, 3, 0, 3]
+    assert encoded_offsets_or_none([(0, 3), (1, 5), (2, 3), (3, 5)], 4, 8) is None  # copies differ: no repeat
+    assert encoded_offsets_or_none([(0, 3), (1, 5)], 2, 7) is None
+
+
+def test_encoded_offsets_per_video_entries():
+    """One unit per video (towers that report one entry per video, e.g. Qwen-VL's grids)."""
+    one = lambda rows: [(r, 1) for r in rows]  # noqa: E731
+    assert encoded_offsets_or_none(one([0, 1]), 2, 2) == [0, 1]
+    # 2 input rows x 3 beams, one video each: LM rows 0-2 show video 0, rows 3-5 video 1
+    assert encoded_offsets_or_none(one(range(6)), 6, 2) == [0, 0, 0, 1, 1, 1]
+    # two videos in row 0, one in row 1, repeated twice
+    assert encoded_offsets_or_none(one([0, 0, 1, 1, 2, 3]), 4, 3) == [0, 1, 0, 1, 2, 2]
+    assert encoded_offsets_or_none(one([0, 1, 2]), 3, 2) is None  # cannot be told apart
+    assert encoded_offsets_or_none([], 1, 0) is None
 
 
 @dataclass

@@ -19,7 +19,6 @@ import tokcompress as tc
 from tokcompress.adapters.vision_signals import (
     attention_rows,
     encoder_layers,
-    encoded_order,
     feature_layer,
     layer_attention_capture,
     mean_query_attention,
@@ -96,15 +95,6 @@ def test_feature_layer_follows_hidden_states_indexing():
     assert feature_layer(layers, 0) is None
     with pytest.raises(ValueError, match="outside a tower of 3 layers"):
         feature_layer(layers, 5)
-
-
-def test_encoded_order_maps_beam_copies_to_their_video():
-    assert encoded_order([0, 1], 2, 2) == [0, 1]
-    # 2 input rows x 3 beams, one video each: LM rows 0-2 show video 0, rows 3-5 video 1
-    assert encoded_order([0, 1, 2, 3, 4, 5], 6, 2) == [0, 0, 0, 1, 1, 1]
-    # two videos in row 0, one in row 1, repeated twice
-    assert encoded_order([0, 0, 1, 1, 2, 3], 4, 3) == [0, 1, 0, 1, 2, 2]
-    assert encoded_order([0, 1, 2], 3, 2) is None  # cannot be told apart
 
 
 seen_signals: list[dict] = []
@@ -216,3 +206,41 @@ def test_every_family_delivers_attention_signals(family):
         assert got and all({"vision_attention", "frame_query_attention"} <= set(s) for s in got)
         for s in got:
             assert all(torch.isfinite(v).all() and (v >= 0).all() for v in s.values())
+
+
+@dataclass
+class SpyAll(Spy):
+    """Test-only: also asks for the pixels, VisionZip's signals and a thumbnail where the family has them."""
+
+    optional_needs: ClassVar[frozenset[str]] = frozenset(
+        {"vision_attention", "frame_query_attention", "pixels", "vision_saliency", "vision_keys", "thumbnail4"}
+    )
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl"])
+def test_two_videos_in_one_prompt_under_beams(family):
+    """Beams repeat the prompt's rows, each with BOTH videos: the copies read videos A, B, A, B."""
+    from conftest import two_video_inputs
+    from test_pixels_signal import expected_frames
+
+    model, _ = tiny(family)
+    inputs = two_video_inputs(family)
+    seen_signals.clear()
+    with tc.compressed(model, SpyAll()), torch.no_grad():
+        model(**inputs)
+        plain = list(seen_signals)
+        seen_signals.clear()
+        model.generate(**inputs, max_new_tokens=1, do_sample=False, num_beams=2)
+        beams = list(seen_signals)
+    assert len(plain) == 2 and len(beams) == 4
+    for video, signals in enumerate(plain):  # the plain forward against the processor's own pixels
+        torch.testing.assert_close(signals["pixels"], expected_frames(family, model, inputs, video), atol=0, rtol=0)
+    assert not torch.equal(plain[0]["vision_attention"][:1], plain[1]["vision_attention"][:1])  # the videos differ
+    names = {"vision_attention", "frame_query_attention", "pixels"}
+    if family == "llava_onevision":
+        names |= {"vision_saliency", "vision_keys", "thumbnail4"}
+    for copy, signals in enumerate(beams):
+        want = plain[copy % 2]
+        assert names <= set(signals)
+        for name in names:
+            torch.testing.assert_close(signals[name], want[name], atol=1e-6, rtol=0)
