@@ -203,7 +203,8 @@ def _fastvid(case: Case) -> Outputs:
         DTM_beta=p["DTM_beta"],
     )
     res = policy.run(x["features"].reshape(t, h * w, dim), x["frame_global"], x["frame_attn"], case["layout"])
-    out = {"keep": res.keep, "tokens": res.values, "segments": torch.tensor(res.info["segments"], dtype=torch.long)}
+    inclusive = [(s, e - 1) for s, e in res.info["segments"]]  # the reference's (first, last)
+    out = {"keep": res.keep, "tokens": res.values, "segments": torch.tensor(inclusive, dtype=torch.long)}
     if case["layout"] == "llava_video":  # a row's newline is kept iff one token of the row is
         out["newline_rows"] = torch.unique(res.keep // w)
     return out

@@ -117,7 +117,8 @@ class Compression:
             kept tokens keep their own embeddings (selection).
         assign: ``(T * n,)`` int64, for each input token the output slot (index into ``keep``) it went
             into, ``-1`` when it was dropped; ``None`` for plain selection.
-        info: policy diagnostics for people and plots, e.g. ``{"segments": [(0, 5), (5, 12)]}``.
+        info: policy diagnostics for people and plots, e.g. ``{"segments": [(0, 5), (5, 12)]}``
+            (temporal segments are half-open ``(start, end)`` grid-step ranges; ``tokcompress.viz`` draws them).
     """
 
     keep: Tensor

@@ -473,7 +473,7 @@ class HoliTom(Policy):
     def compress(self, tokens: TokenSet) -> Compression:
         res = self.run(tokens)
         info = {
-            "windows": res.windows,
+            "segments": [(s, e + 1) for s, e in res.windows],  # half-open, as Compression.info segments are
             "total_reduced": res.total_reduced,
             "retain_ratio": res.retain_ratio,
             "kinds": torch.bincount(res.kind, minlength=3).tolist(),
