@@ -32,7 +32,16 @@ from tokcompress.tiny import FAMILIES
 from tokcompress.tokens import TokenSet, selection
 
 from conftest import batch_inputs, tiny
-from reference import capture_lm_inputs, manual_greedy, row_inputs, same_greedy, wrapped_greedy
+from reference import (
+    assert_rows_match,
+    capture_lm_inputs,
+    compressed_greedy,
+    manual_greedy,
+    reference_inputs,
+    row_inputs,
+    same_greedy,
+    wrapped_greedy,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -309,19 +318,14 @@ FULL = {"llava_scissor": {"retain": 1.0}, "sttm": {"retain": 1.0}, "vidcom2": {"
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_matches_manual_reference(family):
     model, _ = tiny(family)
-    inputs = batch_inputs(family, 2)
-    captured = capture_lm_inputs(model, inputs)
+    inputs, captured = reference_inputs(family)
     with torch.no_grad():
         plain = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
     for name, params in POLICIES.items():
-        with tc.compressed(model, name, **params):
-            first, tokens = wrapped_greedy(model, inputs, STEPS)
-            records = tc.last_record(model)
-        for row in range(2):
-            assert records[row].video_tokens_after < records[row].video_tokens_before, name
-            ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, STEPS)
-            torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0, msg=name)
-            assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id), name
+        got = compressed_greedy(model, inputs, STEPS, name, **params)
+        records = got[2]
+        assert len(records) == 2 and all(r.video_tokens_after < r.video_tokens_before for r in records), name
+        assert_rows_match(model, captured, inputs, got, STEPS, note=name)
         if name in ("llava_scissor", "sttm"):  # merging: every grid token went into one output
             video = records[0].videos[0]
             assert bool((video.assign >= 0).all()) and int(video.assign.max()) == video.keep.numel() - 1
@@ -334,18 +338,15 @@ def test_generate_matches_manual_reference(family):
 @pytest.mark.parametrize("family", ["llava_onevision", "video_llava"])
 def test_ts_llava_thumbnail_through_generate(family):
     model, _ = tiny(family)
-    inputs = batch_inputs(family, 2)
-    captured = capture_lm_inputs(model, inputs)
-    with tc.compressed(model, "ts_llava", retain=0.5, thumbnail=True):
-        first, tokens = wrapped_greedy(model, inputs, STEPS)
-        records = tc.last_record(model)
+    inputs, captured = reference_inputs(family)
+    got = compressed_greedy(model, inputs, STEPS, "ts_llava", retain=0.5, thumbnail=True)
+    records = got[2]
+    assert len(records) == 2
+    assert_rows_match(model, captured, inputs, got, STEPS)
     inner = model.model
     frames = inputs["pixel_values_videos"]
     for row in range(2):
         rec = records[row]
-        ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, STEPS)
-        torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0)
-        assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id)
         # the last tokens of the rewritten span are the thumbnail, encoded here by hand
         f = frames[row]
         rows_, cols_ = 3, 2
@@ -454,19 +455,15 @@ def test_visionzip_signals_equal_eager_attention(family):
 @pytest.mark.parametrize("family", ["llava_onevision", "llava_next_video", "video_llava"])
 def test_visionzip_through_generate(family):
     model, _ = tiny(family)
-    inputs = batch_inputs(family, 2)
-    captured = capture_lm_inputs(model, inputs)
+    inputs, captured = reference_inputs(family)
     with torch.no_grad():
         plain = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
-    with tc.compressed(model, "visionzip", dominant=3, contextual=2):
-        first, tokens = wrapped_greedy(model, inputs, STEPS)
-        records = tc.last_record(model)
-    for row in range(2):
-        video = records[row].videos[0]
+    got = compressed_greedy(model, inputs, STEPS, "visionzip", dominant=3, contextual=2)
+    assert len(got[2]) == 2
+    for rec in got[2]:
+        video = rec.videos[0]
         assert video.keep.numel() == video.grid[0] * 5
-        ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, STEPS)
-        torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0)
-        assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id)
+    assert_rows_match(model, captured, inputs, got, STEPS)
     with tc.compressed(model, "visionzip", retain=1.0), torch.no_grad():
         assert torch.equal(model.generate(**inputs, max_new_tokens=STEPS, do_sample=False), plain)
 

@@ -21,7 +21,7 @@ from tokcompress.tiny import FAMILIES
 from tokcompress.tokens import Compression, TokenSet
 
 from conftest import batch_inputs, tiny
-from reference import capture_lm_inputs, manual_greedy, same_greedy, wrapped_greedy
+from reference import assert_rows_match, compressed_greedy, reference_inputs
 from test_policies_evs_divprune import divprune_reference, evs_reference
 
 STEPS = 2
@@ -138,19 +138,13 @@ def test_beam_rows_get_their_own_prompt_frames(family):
         torch.testing.assert_close(pixels, expected_frames(family, model, inputs, expanded // 2), atol=0, rtol=0)
 
 
-_CAPTURED: dict[str, object] = {}
-
-
 @pytest.mark.parametrize("name", ["evs", "evs_pixel", "divprune"])
 def test_generate_matches_manual_reference(family, name):
     model, _ = tiny(family)
-    inputs = batch_inputs(family, 2)  # left-padded, different question lengths
-    if family not in _CAPTURED:  # the unwrapped model's LM inputs, shared by the three policies
-        _CAPTURED[family] = capture_lm_inputs(model, inputs)
-    captured = _CAPTURED[family]
-    with tc.compressed(model, name, retain=0.4):
-        first, tokens = wrapped_greedy(model, inputs, STEPS)
-        records = tc.last_record(model)
+    inputs, captured = reference_inputs(family)  # left-padded, different question lengths
+    got = compressed_greedy(model, inputs, STEPS, name, retain=0.4)
+    records = got[2]
+    assert len(records) == 2
     for row in range(2):
         rec = records[row]
         video = rec.videos[0]
@@ -167,23 +161,16 @@ def test_generate_matches_manual_reference(family, name):
                 assert video.keep.tolist() == evs_reference(feats, 1 - 0.4).nonzero().squeeze(1).tolist()
         assert video.keep.numel() == want
         assert rec.video_tokens_after == want + (rec.video_tokens_before - t * n)
-        ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, STEPS)
-        torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0)
-        assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id)
+    assert_rows_match(model, captured, inputs, got, STEPS)
 
 
 def test_divprune_compacted_positions_match_a_renumbered_reference():
     family = "llava_onevision"
     model, _ = tiny(family)
-    inputs = batch_inputs(family, 2)
-    captured = _CAPTURED.get(family) or capture_lm_inputs(model, inputs)
-    with tc.compressed(model, "divprune", retain=0.3, positions="compacted"):
-        first, tokens = wrapped_greedy(model, inputs, STEPS)
-        records = tc.last_record(model)
-    for row in range(2):
-        ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, STEPS, compacted=True)
-        torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0)
-        assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id)
+    inputs, captured = reference_inputs(family)
+    got = compressed_greedy(model, inputs, STEPS, "divprune", retain=0.3, positions="compacted")
+    assert len(got[2]) == 2
+    assert_rows_match(model, captured, inputs, got, STEPS, compacted=True)
 
 
 def test_families_are_covered():
