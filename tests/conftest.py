@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+import tokcompress as tc  # noqa: E402
 from tokcompress.tiny import FAMILIES, build, make_inputs  # noqa: E402
+from tokcompress.tokens import selection  # noqa: E402
 from tokcompress.video import synthetic_video  # noqa: E402
 
 QUESTIONS = ("What is moving in this video, and where does it go next?", "Why?")
@@ -61,3 +64,23 @@ def two_video_inputs(family: str, attn: str = "sdpa"):
     ]
     out = processor(text=[text], videos=[first, second], video_metadata=metadata, do_sample_frames=False, return_tensors="pt")
     return dict(out)
+
+
+@dataclass
+class Spy(tc.Policy):
+    """Test-only: keeps every token and records, per video, ``(signals, grid, frames_per_step)`` as the
+    engine handed them over (signals cloned). Subclass it with ``needs`` / ``optional_needs`` to ask
+    for signals."""
+
+    retain: float = 1.0
+    seen: list = field(default_factory=list)
+
+    def compress(self, tokens):
+        signals = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in tokens.signals.items()}
+        self.seen.append((signals, tokens.grid, tokens.frames_per_step))
+        return selection(tokens.available_index())
+
+    @property
+    def signals(self) -> list[dict]:
+        """The recorded signals, one dict per video."""
+        return [signals for signals, _, _ in self.seen]

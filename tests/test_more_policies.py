@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -29,9 +28,9 @@ from tokcompress.policies.vidcom2 import VidCom2, exact_counts, reference_counts
 from tokcompress.policies.visionzip import VisionZip
 from tokcompress.policy import keep_count
 from tokcompress.tiny import FAMILIES
-from tokcompress.tokens import TokenSet, selection
+from tokcompress.tokens import TokenSet
 
-from conftest import batch_inputs, tiny
+from conftest import Spy, batch_inputs, tiny
 from reference import (
     assert_rows_match,
     capture_lm_inputs,
@@ -398,24 +397,15 @@ def test_visionzip_core_by_hand():
     assert sorted(values) == out.keep.tolist() and out.keep.numel() == t * 7
 
 
-@dataclass
-class _Spy(tc.Policy):
-    """Test-only: keeps everything and records the VisionZip signals it was given."""
-
-    retain: float = 1.0
-    seen: list = field(default_factory=list)
+class VisionZipSpy(Spy):
     needs = frozenset({"vision_saliency", "vision_keys"})
-
-    def compress(self, tokens: TokenSet):
-        self.seen.append(dict(tokens.signals))
-        return selection(tokens.available_index())
 
 
 @pytest.mark.parametrize("family", ["llava_onevision", "llava_next_video", "video_llava"])
 def test_visionzip_signals_equal_eager_attention(family):
     model, _ = tiny(family, "eager")
     inputs = batch_inputs(family, 2, attn="eager")
-    spy = _Spy()
+    spy = VisionZipSpy()
     with tc.compressed(model, spy), torch.no_grad():
         model(**inputs)
     inner = model.model
@@ -445,8 +435,8 @@ def test_visionzip_signals_equal_eager_attention(family):
         grid = F.avg_pool2d(grid, model.config.spatial_pool_stride)
     grid = grid.flatten(2)
     frames = inputs["pixel_values_videos"].shape[1]
-    assert len(spy.seen) == 2
-    for v, signals in enumerate(spy.seen):
+    assert len(spy.signals) == 2
+    for v, signals in enumerate(spy.signals):
         rows = slice(v * frames, (v + 1) * frames)
         torch.testing.assert_close(signals["vision_saliency"], grid[rows, 0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(signals["vision_keys"], grid[rows, 1:].transpose(1, 2), atol=1e-5, rtol=1e-4)

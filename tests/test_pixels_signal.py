@@ -7,9 +7,6 @@ language model with the kept tokens (tests/reference.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
-
 import numpy as np
 import pytest
 import torch
@@ -18,9 +15,8 @@ import tokcompress as tc
 from tokcompress.adapters.base import encoded_offsets, encoded_offsets_or_none
 from tokcompress.adapters.qwen2_vl import patches_to_frames
 from tokcompress.tiny import FAMILIES
-from tokcompress.tokens import Compression, TokenSet
 
-from conftest import batch_inputs, tiny
+from conftest import Spy, batch_inputs, tiny
 from reference import assert_rows_match, compressed_greedy, reference_inputs
 from test_policies_evs_divprune import divprune_reference, evs_reference
 
@@ -72,18 +68,8 @@ def test_encoded_offsets_per_video_entries():
     assert encoded_offsets_or_none([], 1, 0) is None
 
 
-@dataclass
-class RecordPixels(tc.Policy):
-    """Test-only: keep everything, remember the pixels and grid each video brought."""
-
-    retain: float = 1.0
-    seen: list = field(default_factory=list)
-
-    needs: ClassVar[frozenset[str]] = frozenset({"pixels"})
-
-    def compress(self, tokens: TokenSet) -> Compression:
-        self.seen.append((tokens.signals["pixels"], tokens.grid, tokens.frames_per_step))
-        return Compression(keep=tokens.available_index())
+class RecordPixels(Spy):
+    needs = frozenset({"pixels"})
 
 
 def expected_frames(family: str, model, inputs: dict, row: int) -> torch.Tensor:
@@ -117,7 +103,8 @@ def test_every_family_hands_policies_the_processed_frames(family):
     with tc.compressed(model, policy), torch.no_grad():
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
     assert len(policy.seen) == 2
-    for row, (pixels, grid, step) in enumerate(policy.seen):
+    for row, (signals, grid, step) in enumerate(policy.seen):
+        pixels = signals["pixels"]
         want = expected_frames(family, model, inputs, row)
         torch.testing.assert_close(pixels, want, atol=0, rtol=0)
         t, h, w = grid
@@ -134,8 +121,8 @@ def test_beam_rows_get_their_own_prompt_frames(family):
     with tc.compressed(model, policy), torch.no_grad():
         model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
     assert len(policy.seen) == 4
-    for expanded, (pixels, _, _) in enumerate(policy.seen):
-        torch.testing.assert_close(pixels, expected_frames(family, model, inputs, expanded // 2), atol=0, rtol=0)
+    for expanded, signals in enumerate(policy.signals):
+        torch.testing.assert_close(signals["pixels"], expected_frames(family, model, inputs, expanded // 2), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["evs", "evs_pixel", "divprune"])

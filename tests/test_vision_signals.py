@@ -8,8 +8,6 @@ layer's own ``qkv`` output and transformers' rotary function, captured with hook
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import ClassVar
 
 import pytest
 import torch
@@ -25,9 +23,8 @@ from tokcompress.adapters.vision_signals import (
     mean_received_attention,
     project_qk,
 )
-from tokcompress.tokens import selection
 
-from conftest import batch_inputs, tiny
+from conftest import Spy, batch_inputs, tiny
 
 
 def _tower(kind: str):
@@ -97,29 +94,18 @@ def test_feature_layer_follows_hidden_states_indexing():
         feature_layer(layers, 5)
 
 
-seen_signals: list[dict] = []
-
-
-@dataclass
-class Spy(tc.Policy):
-    """Test-only: keep everything, record the signals the engine delivered."""
-
-    retain: float = 1.0
-    optional_needs: ClassVar[frozenset[str]] = frozenset({"vision_attention", "frame_query_attention"})
-
-    def compress(self, tokens):
-        seen_signals.append({k: v.clone() for k, v in tokens.signals.items()})
-        return selection(tokens.available_index())
+class AttentionSpy(Spy):
+    optional_needs = frozenset({"vision_attention", "frame_query_attention"})
 
 
 def _spy(model, inputs, generate: bool):
-    seen_signals.clear()
-    with tc.compressed(model, Spy()), torch.no_grad():
+    spy = AttentionSpy()
+    with tc.compressed(model, spy), torch.no_grad():
         if generate:
             model.generate(**inputs, max_new_tokens=1, do_sample=False, num_beams=2)
         else:
             model(**inputs)
-    return list(seen_signals)
+    return spy.signals
 
 
 def test_llava_onevision_signals_equal_eager_tower_attention():
@@ -208,11 +194,10 @@ def test_every_family_delivers_attention_signals(family):
             assert all(torch.isfinite(v).all() and (v >= 0).all() for v in s.values())
 
 
-@dataclass
 class SpyAll(Spy):
-    """Test-only: also asks for the pixels, VisionZip's signals and a thumbnail where the family has them."""
+    """Also asks for the pixels, VisionZip's signals and a thumbnail where the family has them."""
 
-    optional_needs: ClassVar[frozenset[str]] = frozenset(
+    optional_needs = frozenset(
         {"vision_attention", "frame_query_attention", "pixels", "vision_saliency", "vision_keys", "thumbnail4"}
     )
 
@@ -225,13 +210,11 @@ def test_two_videos_in_one_prompt_under_beams(family):
 
     model, _ = tiny(family)
     inputs = two_video_inputs(family)
-    seen_signals.clear()
-    with tc.compressed(model, SpyAll()), torch.no_grad():
+    spy = SpyAll()
+    with tc.compressed(model, spy), torch.no_grad():
         model(**inputs)
-        plain = list(seen_signals)
-        seen_signals.clear()
         model.generate(**inputs, max_new_tokens=1, do_sample=False, num_beams=2)
-        beams = list(seen_signals)
+    plain, beams = spy.signals[:2], spy.signals[2:]
     assert len(plain) == 2 and len(beams) == 4
     for video, signals in enumerate(plain):  # the plain forward against the processor's own pixels
         torch.testing.assert_close(signals["pixels"], expected_frames(family, model, inputs, video), atol=0, rtol=0)
