@@ -118,6 +118,10 @@ class LayerPolicy(Policy):
         """``K`` for a language model of ``depth`` decoder layers (``1 <= K < depth``)."""
         raise NotImplementedError
 
+    def layer_explicit(self) -> bool:
+        """True when the user chose the layer (a scaled default may be moved past Qwen3-VL's deepstack layers)."""
+        return getattr(self, "layer", None) is not None
+
     def select(self, tokens: LayerTokens) -> Compression:
         """Choose (and optionally merge) visual tokens; ``keep`` indexes ``tokens``' rows."""
         raise NotImplementedError
@@ -143,6 +147,9 @@ class DecodePolicy(Policy):
     def resolve_layer(self, depth: int) -> int:
         """``L`` for a language model of ``depth`` decoder layers (``1 <= L < depth``)."""
         raise NotImplementedError
+
+    def layer_explicit(self) -> bool:
+        return getattr(self, "layer", None) is not None
 
     @property
     def evicts(self) -> bool:

@@ -100,6 +100,9 @@ class PruneVidInner(LayerPolicy):
             selected = min(depth - 2, scaled_layer(*self.reference_layer, depth, lowest=0))
         return selected + 1
 
+    def layer_explicit(self) -> bool:
+        return self.selected_layer is not None
+
     def select(self, tokens: LayerTokens) -> Compression:
         groups = tokens.group if tokens.group is not None else frame_groups(tokens.video, tokens.frame)
         return selection(prunevid_select(prunevid_scores(tokens.attention), groups, self.retain))
