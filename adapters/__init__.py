@@ -9,15 +9,23 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import Adapter, CallContext, Capture, VideoSpan, runs, split_videos
+from .internvl import InternVLAdapter
+from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
+from .smolvlm import SmolVLMAdapter
+from .video_llava import VideoLlavaAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaOnevisionAdapter,
+    LlavaNextVideoAdapter,
+    VideoLlavaAdapter,
     Qwen2VLAdapter,
     Qwen2_5_VLAdapter,
     Qwen3VLAdapter,
+    InternVLAdapter,
+    SmolVLMAdapter,
 )
 
 

@@ -3,16 +3,17 @@
 Each video is one contiguous run of ``video_token_id`` tokens: ``t * (H/m) * (W/m)`` merged patches
 in raster order over (temporal patch, row, column), ``m`` = spatial merge size, one temporal patch =
 ``temporal_patch_size`` (2) frames. Positions are M-RoPE ``[4, B, L]`` (text row + t/h/w rows).
-``generate`` encodes the video before the first forward and drops ``video_grid_thw``, so the grid is
-read by a pre-hook on the vision tower (``grid_thw``).
+
+The grid comes from ``video_grid_thw`` when the forward receives it. ``generate`` instead encodes the
+videos before the first forward, drops ``video_grid_thw`` and may repeat videos for beams, so there
+the per-video token counts come from the pre-encoded features and ``(h, w)`` from the height/width
+M-RoPE rows, which number each frame's tokens ``y`` and ``x`` from a common start.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLModel,
@@ -20,12 +21,30 @@ from transformers import (
     Qwen2VLModel,
 )
 
-from .base import Adapter, CallContext, Capture, VideoSpan, split_videos
+from .base import Adapter, CallContext, VideoSpan, split_videos
 
 
-def _grid_thw(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor | None:
-    grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-    return None if grid is None else grid.detach().cpu()
+def grid_from_positions(position_ids: Tensor, row: int, pos: Tensor) -> tuple[int, int, int]:
+    """``(t, h, w)`` of one video from its M-RoPE height/width rows (first frame run gives h and w)."""
+    rows = position_ids[-3:, row, pos] if position_ids.dim() == 3 else None
+    if rows is None:
+        raise RuntimeError("M-RoPE position ids are needed to read a Qwen-VL video grid")
+    hs, ws = rows[1], rows[2]
+    gaps = torch.zeros(pos.numel(), dtype=torch.bool, device=pos.device)
+    gaps[1:] = pos[1:] != pos[:-1] + 1
+    first = pos.numel() if not bool(gaps.any()) else int(gaps.nonzero()[0])
+    h = int(hs[:first].max() - hs[:first].min()) + 1
+    w = int(ws[:first].max() - ws[:first].min()) + 1
+    t, rest = divmod(pos.numel(), h * w)
+    y = torch.arange(h, device=hs.device).repeat_interleave(w)
+    x = torch.arange(w, device=ws.device).repeat(h)
+    if rest == 0:
+        hs_f, ws_f = hs.reshape(t, h * w), ws.reshape(t, h * w)
+        if bool(((hs_f - hs_f.min(1, keepdim=True).values) == y).all()) and bool(
+            ((ws_f - ws_f.min(1, keepdim=True).values) == x).all()
+        ):
+            return t, h, w
+    raise RuntimeError(f"the M-RoPE positions of a {pos.numel()}-token video do not form a raster grid")
 
 
 class Qwen2VLAdapter(Adapter):
@@ -36,34 +55,23 @@ class Qwen2VLAdapter(Adapter):
     def placeholder_ids(self, model: nn.Module) -> list[int]:
         return [model.config.video_token_id]
 
-    def captures(self, model: nn.Module, signals: frozenset[str]) -> list[Capture]:
-        return [Capture("grid_thw", self.inner(model).visual, _grid_thw)]
-
-    def video_grids(self, model: nn.Module, call: CallContext) -> list[tuple[int, int, int]]:
-        """``(t, h, w)`` in merged tokens of every video of the call, in order."""
-        merge = model.config.vision_config.spatial_merge_size
-        given = call.inner_kwargs.get("video_grid_thw")
-        if given is not None:
-            rows = [tuple(r) for r in given.tolist()]
-        else:
-            # Images and videos share the tower; videos are encoded last, so take grids from the end
-            # until they account for every video placeholder.
-            seen = [tuple(r) for g in call.captured.get("grid_thw", []) if g is not None for r in g.tolist()]
-            need, rows = int(call.target.sum()), []
-            while seen and need > 0:
-                t, h, w = seen.pop()
-                rows.insert(0, (t, h, w))
-                need -= t * h * w // merge**2
-            if need != 0:
-                raise RuntimeError(
-                    f"{self.name}: could not match the vision tower's grids to {int(call.target.sum())} video tokens"
-                )
-        return [(t, h // merge, w // merge) for t, h, w in rows]
-
     def spans(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
-        grids = self.video_grids(model, call)
+        merge = model.config.vision_config.spatial_merge_size
         step = model.config.vision_config.temporal_patch_size
-        located = split_videos(call.target, [t * h * w for t, h, w in grids])
+        given = call.inner_kwargs.get("video_grid_thw")
+        encoded = (call.inner_kwargs.get("mm_encoder_outputs") or {}).get("video")
+        grids: list[tuple[int, int, int]] | None = None
+        counts: list[int] | None = None
+        if given is not None:
+            grids = [(t, h // merge, w // merge) for t, h, w in given.tolist()]
+            counts = [t * h * w for t, h, w in grids]
+        elif encoded is not None and not isinstance(encoded.pooler_output, Tensor):
+            counts = [len(out) for out in encoded.pooler_output]
+        located = split_videos(call.target, counts)
+        if grids is None:
+            if call.position_ids is None:
+                raise RuntimeError(f"{self.name}: no video_grid_thw and no M-RoPE positions to read the grid from")
+            grids = [grid_from_positions(call.position_ids, row, pos) for row, pos in located]
         empty = torch.zeros(0, dtype=torch.long, device=call.target.device)
         return [
             VideoSpan(row=row, positions=pos, grid=grid, specials=empty, frames_per_step=step)

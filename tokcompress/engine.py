@@ -210,6 +210,7 @@ class Session:
             return args, self._continue(kwargs, cache, self.caches[cache])
         call, self.call = self.call, None
         if call is None or not bool(call.target.any()):
+            self.captured.clear()
             return None
         try:
             return args, self._prefill(module, kwargs, cache, call)
@@ -271,11 +272,24 @@ class Session:
             )
         position_ids = kwargs.get("position_ids")
         call.position_ids = position_ids
-        spans = self.adapter.spans(self.model, call)
+        try:
+            spans = self.adapter.spans(self.model, call)
+        except RuntimeError as err:
+            raise UnsupportedUsageError(
+                f"could not locate the videos of this call: {err}. If generate ran with prefill_chunk_size "
+                "(chunked prefill), a video is split across calls, which tokcompress does not support."
+            ) from err
+        if not spans:
+            return dict(kwargs)
         valid = mask.bool() if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
 
-        keep = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
-        keep &= ~call.target
+        # Placeholder tokens no span claims (e.g. still images beside the video) pass through untouched.
+        video = torch.zeros_like(call.target)
+        for span in spans:
+            video[span.row, span.all_positions.to(embeds.device)] = True
+        if bool((video & ~call.target).any()):
+            raise RuntimeError(f"the {self.adapter.name} adapter placed a video span on non-placeholder tokens")
+        keep = ~video
         new_values: list[tuple[int, Tensor, Tensor]] = []  # (row, seq positions, values)
         videos: list[list[VideoRecord]] = [[] for _ in range(batch)]
         kept_rows: list[list[Tensor]] = [[] for _ in range(batch)]
@@ -291,15 +305,6 @@ class Session:
             videos[span.row].append(
                 VideoRecord(span.positions, span.grid, result.keep, result.assign, result.info, seconds)
             )
-        covered = torch.zeros_like(call.target)
-        for span in spans:
-            covered[span.row, span.all_positions.to(embeds.device)] = True
-        if bool((call.target & ~covered).any()):
-            raise RuntimeError(
-                f"the {self.adapter.name} adapter located {int(covered.sum())} of {int(call.target.sum())} "
-                "video placeholder tokens; refusing to guess the rest"
-            )
-
         index, slot_valid = compact_index(keep)
         compact_len = index.shape[1]
         dropped = compact_len != length or bool((~keep).any())
@@ -337,7 +342,7 @@ class Session:
             )
         merged_rows = {row for row, _, _ in new_values}
         self.record = self._rows_record(
-            call.target, kept_rows, merged_rows, new_embeds, slot_of, index, slot_valid, new_positions, videos
+            video, kept_rows, merged_rows, new_embeds, slot_of, index, slot_valid, new_positions, videos
         )
         if self.runner is not None:
             state = self.caches.get(cache) if cache is not None and use_cache else None

@@ -1,0 +1,46 @@
+"""Video-LLaVA.
+
+Videos go through a separate ``video_tower`` (CLIP) and the projector WITHOUT dropping CLS, so each
+frame contributes ``1 + g * g`` tokens: its CLS token first, then the ``g x g`` patch grid
+(``g = image_size // patch_size``, 16 for CLIP-L/14 at 224). The CLS tokens are specials: the engine
+keeps them and policies see only the patch grids. Positions are 1-D.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import VideoLlavaForConditionalGeneration, VideoLlavaModel
+
+from .base import Adapter, CallContext, VideoSpan, split_videos
+
+
+class VideoLlavaAdapter(Adapter):
+    name = "video_llava"
+    model_classes = (VideoLlavaForConditionalGeneration, VideoLlavaModel)
+
+    def placeholder_ids(self, model: nn.Module) -> list[int]:
+        return [model.config.video_token_id]
+
+    def frame_grid(self, model: nn.Module) -> tuple[int, int]:
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return side, side
+
+    def spans(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
+        h, w = self.frame_grid(model)
+        per_frame = h * w + 1
+        pixels = call.inner_kwargs.get("pixel_values_videos")
+        counts = None if pixels is None else [pixels.shape[1] * per_frame] * pixels.shape[0]
+        spans = []
+        for row, pos in split_videos(call.target, counts):
+            frames, rest = divmod(pos.numel(), per_frame)
+            if rest or frames < 1:
+                raise RuntimeError(f"a Video-LLaVA span of {pos.numel()} tokens is not F*(1+{h}*{w})")
+            by_frame = pos.reshape(frames, per_frame)
+            spans.append(
+                VideoSpan(row=row, positions=by_frame[:, 1:].reshape(-1), grid=(frames, h, w), specials=by_frame[:, 0])
+            )
+        return spans
+
+
+__all__ = ["VideoLlavaAdapter"]
