@@ -98,26 +98,36 @@ def attention_rows(
         ``(B, H, Q, P + L)`` float32 probabilities.
     """
     b, length, dim = hidden.shape
-    head_dim = attn.head_dim
     q_in = hidden.gather(1, rows[..., None].expand(-1, -1, dim))
-    q = attn.q_proj(q_in).view(b, rows.shape[1], -1, head_dim)
-    k = attn.k_proj(hidden).view(b, length, -1, head_dim)
+    q = attn.q_proj(q_in).view(b, rows.shape[1], -1, attn.head_dim)
     if getattr(attn, "q_norm", None) is not None:
         q = attn.q_norm(q)
-    if getattr(attn, "k_norm", None) is not None:
-        k = attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    q = q.transpose(1, 2)
     cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
     idx = rows[..., None].expand(-1, -1, cos.shape[-1])
-    q = rope(q, q, cos.gather(1, idx), sin.gather(1, idx))[0]
-    k = rope(k, k, cos, sin)[1]
+    q = _rope(attn)(q, q, cos.gather(1, idx), sin.gather(1, idx))[0]
+    k = new_keys(attn, hidden, cos, sin)
     if past_keys is not None:
         k = torch.cat([past_keys.to(k.dtype), k], dim=2)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: query head h reads kv head h // groups
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     return logits.softmax(dim=-1)
+
+
+def _rope(attn: nn.Module) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The ``apply_rotary_pos_emb`` of the attention module's own modeling file."""
+    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+
+def new_keys(attn: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``(B, H_kv, L, d)`` keys (after RoPE) the attention module computes for ``hidden``, as it caches them."""
+    b, length, _ = hidden.shape
+    k = attn.k_proj(hidden).view(b, length, -1, attn.head_dim)
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    k = k.transpose(1, 2)
+    return _rope(attn)(k, k, cos.expand(b, -1, -1), sin.expand(b, -1, -1))[1]
 
 
 @dataclass
@@ -153,6 +163,7 @@ class KVState:
     records: list[RowRecord] | None
     memory: list[Any] = field(default_factory=list)  # decode policy memory, per row
     steps: int = 0
+    fingerprint: Tensor | None = None  # (B, H_kv, d) last layer's key of the last decoded token, per row
 
 
 @dataclass
@@ -205,7 +216,7 @@ class LayerRunner:
             )
         self.attn = [attention(layer) for layer in layers]
         score_layers = {k - 1 for k in ks} | ({self.decode_layer - 1} if decode_policy is not None else set())
-        for i in sorted(score_layers):
+        for i in sorted(score_layers | ({depth - 1} if decode_policy is not None else set())):
             for name in ("q_proj", "k_proj", "head_dim", "scaling"):
                 if not hasattr(self.attn[i], name):
                     raise UnsupportedModelError(
@@ -216,6 +227,8 @@ class LayerRunner:
         self.step: _Step | None = None
         for i, layer in enumerate(layers):
             register(layer, self._layer_hook(i))
+        if decode_policy is not None:
+            score_layers.add(depth - 1)  # to fingerprint the rows (see _check_row_order)
         for i in sorted(score_layers):
             register(self.attn[i], self._attention_hook(i))
 
@@ -268,15 +281,35 @@ class LayerRunner:
         kv = getattr(state, "kv", None)
         if kv is None or (len(kv.layouts) == 1 and self.decode is None):
             return
+        if self.decode is not None:
+            self._check_row_order(cache, kv)
         self.step = _Step(cache=cache, kv=kv, new_cols=new_cols)
+
+    def _check_row_order(self, cache: Cache, kv: KVState) -> None:
+        """Refuse caches whose rows were reordered between steps (beam search): per-row state would not follow.
+
+        The last layer's key of the previous step's token, recorded as the model computed it, depends on
+        the row's whole history; after a reorder the newest cache entry of some row no longer equals it.
+        """
+        keys = cache.layers[-1].keys
+        if kv.fingerprint is not None and not torch.equal(keys[:, :, -1], kv.fingerprint):
+            raise UnsupportedUsageError(
+                f"{self.decode.label} keeps per-row state across decode steps, and the rows of this cache were "
+                "reordered between steps (beam search does this); run it with num_beams=1 or without the "
+                "decode-time policy"
+            )
 
     # -- hooks ---------------------------------------------------------------------------------
     def _attention_hook(self, i: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if self.prefill is not None:
                 self._prefill_scores(i, module, args, kwargs)
-            elif self.step is not None and self.decode is not None and i == self.decode_layer - 1:
-                self._decode_scores(i, module, args, kwargs)
+            elif self.step is not None and self.decode is not None:
+                if i == self.decode_layer - 1:
+                    self._decode_scores(i, module, args, kwargs)
+                if i == self.depth - 1:
+                    hidden = kwargs.get("hidden_states", args[0] if args else None)
+                    self.step.kv.fingerprint = new_keys(module, hidden, *kwargs["position_embeddings"])[:, :, -1]
 
         return hook
 
