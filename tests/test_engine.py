@@ -216,3 +216,18 @@ def test_record_contents():
         expect = t * len(evenly_spaced(h * w, round(0.25 * h * w)))
         assert rec.video_tokens_after == expect + 1  # + the trailing newline
         assert int(rec.kept[-1]) == int((ids[row] == video_id).nonzero().max())  # newline kept
+
+
+def test_inputs_embeds_path_equals_input_ids_path():
+    family = "llava_onevision"
+    model, _ = tiny(family)
+    inputs = batch_inputs(family, 2)
+    by_embeds = dict(inputs)
+    by_embeds["inputs_embeds"] = model.get_input_embeddings()(by_embeds.pop("input_ids"))
+    with tc.compressed(model, "uniform", retain=0.5), torch.no_grad():
+        a = model(**inputs).logits
+        rec_a = tc.last_record(model)
+        b = model(**by_embeds).logits
+        rec_b = tc.last_record(model)
+    assert torch.equal(rec_a[0].kept, rec_b[0].kept) and torch.equal(rec_a[1].kept, rec_b[1].kept)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
