@@ -164,3 +164,28 @@ GOLDEN.update(
         "prunevid_inner": _golden_prunevid_inner,
     }
 )
+
+
+def _golden_prunevid_outer(case: Case) -> Outputs:
+    from tokcompress.policies.prunevid import PruneVidOuter
+    from tokcompress.tokens import TokenSet
+
+    p, features = case["params"], case["inputs"]["features"]
+    t, h, w, _ = features.shape
+    assert p["num_frames"] == t and p["pooling_shape"][1] * p["pooling_shape"][2] == h * w
+    policy = PruneVidOuter(retain=p["cluster_ratio"], tau=p["tau"], temporal_segment_ratio=p["temporal_segment_ratio"], k=p["k"])
+    result = policy(TokenSet(features=features, grid=(t, h, w)))
+    info = result.info
+    emitted = torch.searchsorted(result.keep, info["order"])
+    return {
+        "tokens": result.values[emitted],
+        "window_sizes": torch.tensor(info["window_sizes"]),
+        "static_sizes": torch.tensor(info["static_sizes"]),
+        "dynamic_sizes": torch.tensor(info["dynamic_sizes"]),
+        "static_mask": info["static_mask"],
+        "segment_labels_raw": torch.tensor(info["segment_labels_raw"]),
+        "segment_labels": torch.tensor(info["segment_labels"]),
+    }
+
+
+GOLDEN["prunevid_outer"] = _golden_prunevid_outer

@@ -83,14 +83,14 @@ def ref_holitom(retain: float):
     return choose
 
 
-def ref_prunevid(retain: float, frame_of: dict[int, int]):
+def ref_prunevid(retain: float, group_of: dict[int, int]):
     def choose(attn, hidden, vis, positions):
         rows = torch.arange(int(vis.max()) + 1, attn.shape[1])
         score = attn[:, rows][:, :, vis].amax(0).amax(0)
-        frames = torch.tensor([frame_of[int(p)] for p in positions])
+        groups = torch.tensor([group_of[int(p)] for p in positions])
         keep = []
-        for f in frames.unique():
-            members = (frames == f).nonzero().squeeze(1)
+        for g in groups.unique():
+            members = (groups == g).nonzero().squeeze(1)
             n = int(members.numel() * retain)
             keep.append(vis[members[torch.topk(score[members], n).indices]])
         return torch.cat(keep).sort().values, None
@@ -113,13 +113,15 @@ def ref_dycoke(retain: float, threshold: float):
     return choose
 
 
-def _frames(record) -> dict[int, int]:
+def _groups(record) -> dict[int, int]:
+    """Original position -> group: the outer stage's groups when it set them, else (video, frame)."""
     out = {}
-    for video in record.videos:
+    for v, video in enumerate(record.videos):
         n = video.grid[1] * video.grid[2]
-        for flat, pos in zip(video.keep.tolist(), video.positions[video.keep].tolist()):
-            out[pos] = flat // n
-    return out
+        groups = video.info.get("token_groups")
+        for i, (flat, pos) in enumerate(zip(video.keep.tolist(), video.positions[video.keep].tolist())):
+            out[pos] = (v, int(groups[i]) if groups is not None else flat // n)
+    return {pos: hash(g) for pos, g in out.items()}
 
 
 # (policy spec for wrap, function(record) -> reference stages, decode rule factory or None)
@@ -128,7 +130,12 @@ CASES = {
     "holitom_inner": (("holitom_inner", {"retain": 0.4, "layer": 3}), lambda rec: [Stage(3, ref_holitom(0.4))], None),
     "prunevid_inner": (
         ("prunevid_inner", {"retain": 0.4, "selected_layer": 1}),
-        lambda rec: [Stage(2, ref_prunevid(0.4, _frames(rec)), prune_earlier=True)],
+        lambda rec: [Stage(2, ref_prunevid(0.4, _groups(rec)), prune_earlier=True)],
+        None,
+    ),
+    "prunevid": (
+        ("prunevid", {"retain": 0.5, "cluster_ratio": 0.5, "tau": 0.5, "k": 3, "selected_layer": 2}),
+        lambda rec: [Stage(3, ref_prunevid(0.5, _groups(rec)), prune_earlier=True)],
         None,
     ),
     "uneven+fastv": (
@@ -227,6 +234,8 @@ IDENTITY = [
     ("dycoke_kv", {"retain": 1.0, "threshold": 1.01}),
     ("dycoke_kv", {"retain": 1.0, "threshold": 1.01, "evict": True}),
     ("dycoke", {"retain": 1.0, "kv_retain": 1.0}),
+    ("prunevid_outer", {"retain": 1.0, "tau": 1.5}),  # tau above 1: no static position
+    ("prunevid", {"retain": 1.0, "cluster_ratio": 1.0, "tau": 1.5}),
 ]
 
 

@@ -646,8 +646,8 @@ def _slot_info(mask: Tensor, slot_of: Tensor, videos: list[list[VideoRecord]]) -
             visual[r, slots] = True
             video[r, slots] = v
             frame[r, slots] = rec.keep // (rec.grid[1] * rec.grid[2])
-            groups = rec.info.get("groups")
-            if isinstance(groups, Tensor):
+            groups = rec.info.get("token_groups")  # (K,) int64 label per kept token, set by an input stage
+            if isinstance(groups, Tensor) and groups.shape == rec.keep.shape:
                 has_groups = True
                 group[r, slots] = groups.to(device) + offset
                 offset += int(groups.max()) + 1 if groups.numel() else 0

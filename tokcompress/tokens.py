@@ -163,7 +163,8 @@ class LayerTokens:
         positions: ``(N,)`` int64 indices into the original LM input of each token (its position id).
         video: ``(N,)`` int64 index of the video (within the row) each token comes from.
         frame: ``(N,)`` int64 temporal grid index of each token within its video.
-        group: ``(N,)`` int64 group labels set by the input stage (PruneVid's static/dynamic groups),
+        group: ``(N,)`` int64 group labels set by the input stage (an input policy returns them as
+            ``Compression.info["token_groups"]``, one per kept token; PruneVid's static/dynamic groups),
             or ``None`` when the input stage defined none.
         layer: ``K``.
     """

@@ -4,7 +4,7 @@ from .baselines import Frames, KeepAll, Pool, RandomKeep, Uniform
 from .dycoke import DyCoke, DyCokeKV, DyCokeTTM
 from .fastv import FastV
 from .holitom_inner import HoliTomInner
-from .prunevid import PruneVidInner
+from .prunevid import PruneVid, PruneVidInner, PruneVidOuter
 
 __all__ = [
     "DyCoke",
@@ -15,7 +15,9 @@ __all__ = [
     "HoliTomInner",
     "KeepAll",
     "Pool",
+    "PruneVid",
     "PruneVidInner",
+    "PruneVidOuter",
     "RandomKeep",
     "Uniform",
 ]
