@@ -154,6 +154,11 @@ CASES = {
         lambda rec: [],
         lambda: DecodeRule(2, ref_dycoke(0.3, 1.01), evict=True),
     ),
+    "dycoke": (
+        ("dycoke", {"retain": 0.5, "kv_retain": 0.3, "layer": 2}),
+        lambda rec: [],
+        lambda: DecodeRule(2, ref_dycoke(0.3, 0.9)),
+    ),
     "fastv+dycoke_kv_evict": (
         ([tc.build_policy("fastv", retain=0.5, layer=2), tc.build_policy("dycoke_kv", retain=0.5, layer=3, evict=True)], {}),
         lambda rec: [Stage(2, ref_fastv(0.5))],
