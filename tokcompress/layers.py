@@ -215,8 +215,10 @@ class LayerRunner:
                 decode_policy, decode_policy.resolve_layer(depth), 1, decode_policy.layer_explicit()
             )
         self.attn = [attention(layer) for layer in layers]
-        score_layers = {k - 1 for k in ks} | ({self.decode_layer - 1} if decode_policy is not None else set())
-        for i in sorted(score_layers | ({depth - 1} if decode_policy is not None else set())):
+        probed = {k - 1 for k in ks}  # attention modules whose q/k the runner reads
+        if decode_policy is not None:
+            probed |= {self.decode_layer - 1, depth - 1}  # the last layer fingerprints rows (_check_row_order)
+        for i in sorted(probed):
             for name in ("q_proj", "k_proj", "head_dim", "scaling"):
                 if not hasattr(self.attn[i], name):
                     raise UnsupportedModelError(
@@ -227,9 +229,7 @@ class LayerRunner:
         self.step: _Step | None = None
         for i, layer in enumerate(layers):
             register(layer, self._layer_hook(i))
-        if decode_policy is not None:
-            score_layers.add(depth - 1)  # to fingerprint the rows (see _check_row_order)
-        for i in sorted(score_layers):
+        for i in sorted(probed):
             register(self.attn[i], self._attention_hook(i))
 
     def _check_layer(self, policy: Any, k: int, first: int, explicit: bool) -> int:
