@@ -223,6 +223,12 @@ def test_matches_layer_by_layer_reference_batch2(family, attn, case):
     _check_against_reference(family, attn, 2, case)
 
 
+@pytest.mark.parametrize("case", ["holitom_inner", "prunevid", "fastv+dycoke_kv_evict"])
+@pytest.mark.parametrize("family", ["llava_next_video", "video_llava", "qwen2_vl", "internvl", "smolvlm"])
+def test_other_families_match_the_reference(family, case):
+    _check_against_reference(family, "sdpa", 2, case)
+
+
 @pytest.mark.parametrize("case", ["fastv", "holitom_inner", "prunevid_inner", "dycoke_kv_evict"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_matches_layer_by_layer_reference_batch1(attn, case):
