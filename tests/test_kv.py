@@ -167,10 +167,10 @@ CASES = {
 }
 
 
-def _generate(model, inputs):
+def _generate(model, inputs, steps: int = STEPS):
     with torch.no_grad():
         out = model.generate(
-            **inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True
+            **inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
     return out, out.sequences[:, inputs["input_ids"].shape[1] :]
 
@@ -256,12 +256,14 @@ def _unwrapped(family: str, attn: str, batch: int):
     inputs = inputs_for(family, attn, batch)
     with torch.no_grad():
         logits = model(**inputs).logits
-    out, tokens = _generate(model, inputs)
+    out, tokens = _generate(model, inputs, IDENTITY_STEPS)
     return logits, torch.stack(out.logits), tokens
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+IDENTITY_STEPS = 5
+
+
+@pytest.mark.parametrize("attn, batch", [("sdpa", 1), ("sdpa", 2), ("eager", 2)])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_retain_one_is_bit_identical(family, attn, batch):
     model, _ = model4(family, attn)
@@ -271,7 +273,7 @@ def test_retain_one_is_bit_identical(family, attn, batch):
         with tc.compressed(model, name, **params):
             with torch.no_grad():
                 logits = model(**inputs).logits
-            out, tokens = _generate(model, inputs)
+            out, tokens = _generate(model, inputs, IDENTITY_STEPS)
         for got, ref in zip((logits, torch.stack(out.logits), tokens), want):
             assert torch.equal(got, ref), f"{name} {params} is not bit-identical"
 
@@ -408,3 +410,23 @@ def test_layer_out_of_range_and_clashes():
 def test_bad_parameters_are_named(name, params, match):
     with pytest.raises(ValueError, match=match):
         tc.build_policy(name, **params)
+
+
+def test_dycoke_modes_agree_until_the_reference_reselects():
+    """Masking (reference) and eviction choose the same entries at the first decode step, so the logits
+    of the prefill and of that step agree; later steps differ in general: the reference re-selects
+    among all visual entries (or reads them all when attention is stable), eviction cannot bring any back."""
+    model, _ = model4("llava_onevision")
+    inputs = inputs_for("llava_onevision", "sdpa", 2)
+    runs = {}
+    for evict in (False, True):
+        with tc.compressed(model, "dycoke_kv", retain=0.25, layer=2, evict=evict):
+            out, _ = _generate(model, inputs, 4)
+            runs[evict] = (out.logits, tc.last_record(model))
+    (mask_logits, mask_rec), (evict_logits, evict_rec) = runs[False], runs[True]
+    for step in (0, 1):
+        torch.testing.assert_close(mask_logits[step], evict_logits[step], atol=1e-5, rtol=0)
+    for a, b in zip(mask_rec, evict_rec):
+        first_a = next(iter(a.stages.values()))["steps"][0]
+        first_b = next(iter(b.stages.values()))["steps"][0]
+        assert torch.equal(first_a["kept"], first_b["kept"])
