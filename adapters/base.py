@@ -124,6 +124,23 @@ def runs(mask: Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, ends))
 
 
+def counts_from_inputs(call: CallContext, per_frame: int, extra: int = 0, *, pooled: bool = True) -> list[int] | None:
+    """Placeholder tokens of each video: ``frames * per_frame + extra``.
+
+    Frames come from ``pixel_values_videos`` ``(videos, F, C, H, W)`` in a plain forward; under
+    ``generate`` the videos are encoded before the forward, and with ``pooled`` the per-video counts
+    are read from the pre-encoded ``pooler_output`` ``(videos, tokens, D)`` instead. ``None`` when
+    neither is there (then every placeholder run is one video).
+    """
+    pixels = call.inner_kwargs.get("pixel_values_videos")
+    if pixels is not None:
+        return [pixels.shape[1] * per_frame + extra] * pixels.shape[0]
+    encoded = (call.inner_kwargs.get("mm_encoder_outputs") or {}).get("video")
+    if pooled and encoded is not None and isinstance(encoded.pooler_output, Tensor):
+        return [encoded.pooler_output.shape[1]] * encoded.pooler_output.shape[0]
+    return None
+
+
 def split_videos(target: Tensor, counts: list[int] | None) -> list[tuple[int, Tensor]]:
     """Assign placeholder positions to videos, in batch-row then sequence order.
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import LlavaNextVideoForConditionalGeneration, LlavaNextVideoModel
 
-from .base import Adapter, CallContext, VideoSpan, split_videos
+from .base import Adapter, CallContext, VideoSpan, counts_from_inputs, split_videos
 
 
 class LlavaNextVideoAdapter(Adapter):
@@ -29,13 +29,7 @@ class LlavaNextVideoAdapter(Adapter):
 
     def spans(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
         h, w = self.frame_grid(model)
-        counts = None
-        pixels = call.inner_kwargs.get("pixel_values_videos")
-        encoded = (call.inner_kwargs.get("mm_encoder_outputs") or {}).get("video")
-        if pixels is not None:  # (videos, frames, C, H, W)
-            counts = [pixels.shape[1] * h * w] * pixels.shape[0]
-        elif encoded is not None:  # pooler_output (videos, F*h*w, D)
-            counts = [encoded.pooler_output.shape[1]] * encoded.pooler_output.shape[0]
+        counts = counts_from_inputs(call, h * w, 0)
         spans = []
         empty = torch.zeros(0, dtype=torch.long, device=call.target.device)
         for row, pos in split_videos(call.target, counts):

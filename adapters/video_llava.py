@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import VideoLlavaForConditionalGeneration, VideoLlavaModel
 
-from .base import Adapter, CallContext, VideoSpan, split_videos
+from .base import Adapter, CallContext, VideoSpan, counts_from_inputs, split_videos
 
 
 class VideoLlavaAdapter(Adapter):
@@ -29,8 +29,7 @@ class VideoLlavaAdapter(Adapter):
     def spans(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
         h, w = self.frame_grid(model)
         per_frame = h * w + 1
-        pixels = call.inner_kwargs.get("pixel_values_videos")
-        counts = None if pixels is None else [pixels.shape[1] * per_frame] * pixels.shape[0]
+        counts = counts_from_inputs(call, per_frame, pooled=False)  # pooler_output is per frame here
         spans = []
         for row, pos in split_videos(call.target, counts):
             frames, rest = divmod(pos.numel(), per_frame)

@@ -5,9 +5,13 @@
     out = model.generate(**inputs, max_new_tokens=64)
     tc.last_record(model)
     tc.unwrap(model)
+
+Pictures of what a policy kept: ``tokcompress.viz`` (matplotlib); several policies side by side:
+``tc.compare(model, inputs, ["uniform", "random"], retains=[0.5, 0.25])``.
 """
 
 from .api import available_policies, build_policy, compressed, is_wrapped, last_record, policy_of, unwrap, wrap
+from .comparison import Comparison, compare
 from .errors import (
     MissingSignalError,
     PolicyOutputError,
@@ -25,6 +29,7 @@ from .tokens import Compression, DecodeChoice, DecodeTokens, LayerTokens, TokenS
 __version__ = "0.1.0"
 
 __all__ = [
+    "Comparison",
     "Compression",
     "DecodeChoice",
     "DecodePolicy",
@@ -46,6 +51,7 @@ __all__ = [
     "build_policy",
     "cache_bytes",
     "cache_lengths",
+    "compare",
     "compressed",
     "is_wrapped",
     "last_record",

@@ -303,7 +303,9 @@ class Session:
                 new_values.append((span.row, kept_pos, result.values))
             kept_rows[span.row] += [kept_pos, span.specials.to(embeds.device)]
             videos[span.row].append(
-                VideoRecord(span.positions, span.grid, result.keep, result.assign, result.info, seconds)
+                VideoRecord(
+                    span.positions, span.grid, result.keep, result.assign, result.info, seconds, span.frames_per_step
+                )
             )
         index, slot_valid = compact_index(keep)
         compact_len = index.shape[1]

@@ -20,6 +20,8 @@ class VideoRecord:
         assign: ``(T*h*w,)`` output slot each grid token went into, ``-1`` dropped (merging policies), or None.
         info: the policy's diagnostics (segments, clusters, ...).
         seconds: time the policy took on this video.
+        frames_per_step: input frames per temporal step of ``grid`` (2 for Qwen-VL, else 1), to map
+            grid steps back onto the video's frames.
     """
 
     positions: Tensor
@@ -28,6 +30,7 @@ class VideoRecord:
     assign: Tensor | None
     info: dict[str, Any]
     seconds: float
+    frames_per_step: int = 1
 
 
 @dataclass
