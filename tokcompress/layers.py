@@ -309,7 +309,9 @@ class LayerRunner:
                     self._decode_scores(i, module, args, kwargs)
                 if i == self.depth - 1:
                     hidden = kwargs.get("hidden_states", args[0] if args else None)
-                    self.step.kv.fingerprint = new_keys(module, hidden, *kwargs["position_embeddings"])[:, :, -1]
+                    with torch.no_grad():
+                        keys = new_keys(module, hidden, *kwargs["position_embeddings"])
+                    self.step.kv.fingerprint = keys[:, :, -1]
 
         return hook
 
@@ -333,6 +335,7 @@ class LayerRunner:
         visual = slots.visual[row].gather(0, layout.origin[row]) & layout.mask[row].bool()
         return visual.nonzero().squeeze(1)
 
+    @torch.no_grad()
     def _prefill_scores(self, i: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         assert self.prefill is not None
         wanted = [p for k, p in self.stages if k - 1 == i]
@@ -494,6 +497,7 @@ class LayerRunner:
     def _layout_of(self, kv: KVState, i: int) -> Layout:
         return [layout for layout in kv.layouts if layout.start <= i][-1]
 
+    @torch.no_grad()
     def _decode_scores(self, i: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         step, policy = self.step, self.decode
         assert step is not None and policy is not None
