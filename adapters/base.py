@@ -167,3 +167,26 @@ def split_videos(target: Tensor, counts: list[int] | None) -> list[tuple[int, Te
         out.append((int(r[0]), cols[offset : offset + count]))
         offset += count
     return out
+
+
+def frame_slices(frames: list[int], total: int) -> list[tuple[int, int]] | None:
+    """Where each video's frames lie in a vision-tower call that saw ``total`` frames.
+
+    ``frames`` are the frame counts of the located videos in span order. Usually the tower saw them
+    all, one after another. ``generate`` with beams or several return sequences encodes each video
+    once and then repeats it ``r`` times in a row (``repeat_interleave``); then span ``i`` reads video
+    ``i // r``. Returns ``(start, end)`` per video, or None when the call cannot be matched.
+    """
+    if not frames or total <= 0:
+        return None
+    seen = sum(frames)
+    if seen % total:
+        return None
+    r = seen // total
+    if len(frames) % r or any(len(set(frames[i : i + r])) != 1 for i in range(0, len(frames), r)):
+        return None
+    out, start = [], 0
+    for i in range(0, len(frames), r):
+        out += [(start, start + frames[i])] * r
+        start += frames[i]
+    return out

@@ -3,7 +3,9 @@
 Videos go through a separate ``video_tower`` (CLIP) and the projector WITHOUT dropping CLS, so each
 frame contributes ``1 + g * g`` tokens: its CLS token first, then the ``g x g`` patch grid
 (``g = image_size // patch_size``, 16 for CLIP-L/14 at 224). The CLS tokens are specials: the engine
-keeps them and policies see only the patch grids. Positions are 1-D.
+keeps them and policies see only the patch grids. Positions are 1-D. Signals: TS-LLaVA thumbnails
+(``adapters/thumbnail.py``; the thumbnail's own CLS token is dropped) and VisionZip's CLS-row attention
+and keys of the feature layer (``adapters/visionzip_signals.py``).
 """
 
 from __future__ import annotations
@@ -11,12 +13,18 @@ from __future__ import annotations
 from torch import nn
 from transformers import VideoLlavaForConditionalGeneration, VideoLlavaModel
 
-from .base import Adapter, CallContext, VideoSpan, counts_from_inputs, split_videos
+from torch import Tensor
+
+from .base import Adapter, CallContext, Capture, VideoSpan, counts_from_inputs, split_videos
+from .thumbnail import THUMBNAIL_SIGNALS, ThumbnailSupport
+from .visionzip_signals import VISIONZIP_SIGNALS, attach_visionzip_signals, encoder_layers, feature_layer_index, visionzip_capture
 
 
-class VideoLlavaAdapter(Adapter):
+class VideoLlavaAdapter(ThumbnailSupport, Adapter):
     name = "video_llava"
     model_classes = (VideoLlavaForConditionalGeneration, VideoLlavaModel)
+    signals = THUMBNAIL_SIGNALS | VISIONZIP_SIGNALS
+    video_tower_attr = "video_tower"
 
     def placeholder_ids(self, model: nn.Module) -> list[int]:
         return [model.config.video_token_id]
@@ -25,6 +33,18 @@ class VideoLlavaAdapter(Adapter):
         vision = model.config.vision_config
         side = vision.image_size // vision.patch_size
         return side, side
+
+    def captures(self, model: nn.Module, signals: frozenset[str]) -> list[Capture]:
+        out = self.thumbnail_captures(model, signals)
+        if VISIONZIP_SIGNALS & signals:  # CLIP: the CLS row of the feature layer, as the reference
+            inner = self.inner(model)
+            layers = encoder_layers(inner.video_tower)
+            layer = layers[feature_layer_index(len(layers), inner.config.vision_feature_layer)]
+            out.append(visionzip_capture(layer, has_cls=True))
+        return out
+
+    def thumbnail_tokens(self, pooled: Tensor) -> Tensor:
+        return pooled[:, 1:]  # the thumbnail's patch grid, without its CLS token
 
     def spans(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
         h, w = self.frame_grid(model)
@@ -39,6 +59,8 @@ class VideoLlavaAdapter(Adapter):
             spans.append(
                 VideoSpan(row=row, positions=by_frame[:, 1:].reshape(-1), grid=(frames, h, w), specials=by_frame[:, 0])
             )
+        attach_visionzip_signals(call, spans, [s.grid[0] for s in spans])
+        self.attach_thumbnails(model, call, spans, [s.grid[0] for s in spans])
         return spans
 
 

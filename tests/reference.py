@@ -66,9 +66,17 @@ def placeholder_mask(model: nn.Module, input_ids: Tensor) -> Tensor:
 
 
 def row_inputs(
-    model: nn.Module, captured: LMInputs, input_ids: Tensor, records: list[tc.RowRecord], row: int
+    model: nn.Module,
+    captured: LMInputs,
+    input_ids: Tensor,
+    records: list[tc.RowRecord],
+    row: int,
+    compacted: bool = False,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """Kept embeddings ``(1, K, D)``, their original positions, and extra LM kwargs for one row."""
+    """Kept embeddings ``(1, K, D)``, their positions, and extra LM kwargs for one row.
+
+    Positions are the original ones, or ``0 .. K-1`` with ``compacted`` (1-D positions only).
+    """
     rec = records[row]
     target = placeholder_mask(model, input_ids[row])
     keep = captured.mask[row] & ~target
@@ -80,6 +88,8 @@ def row_inputs(
     embeds = embeds[idx][None]
     if captured.position_ids.dim() == 3:
         pos = captured.position_ids[:, row, idx][:, None, :]
+    elif compacted:
+        pos = torch.arange(idx.numel())[None]
     else:
         pos = captured.position_ids[row, idx][None]
     extra: dict[str, Any] = {}
@@ -95,7 +105,13 @@ def row_inputs(
 
 @torch.no_grad()
 def manual_greedy(
-    model: nn.Module, captured: LMInputs, input_ids: Tensor, records: list[tc.RowRecord], row: int, steps: int
+    model: nn.Module,
+    captured: LMInputs,
+    input_ids: Tensor,
+    records: list[tc.RowRecord],
+    row: int,
+    steps: int,
+    compacted: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Greedy decode ``steps`` tokens for one row by calling the LM directly.
 
@@ -105,7 +121,7 @@ def manual_greedy(
     lm = adapter.language_model(model)
     head = model.get_output_embeddings()
     embed = model.get_input_embeddings()
-    embeds, pos, extra = row_inputs(model, captured, input_ids, records, row)
+    embeds, pos, extra = row_inputs(model, captured, input_ids, records, row, compacted)
     cache = DynamicCache(config=lm.config)
     out = lm(inputs_embeds=embeds, position_ids=pos, cache=cache, use_cache=True, **extra)
     logits = head(out.last_hidden_state[:, -1]).float()

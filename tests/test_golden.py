@@ -22,8 +22,118 @@ ATOL = 1e-5
 Case = dict[str, Any]
 Outputs = dict[str, torch.Tensor]
 
+def _llava_scissor(case: Case) -> Outputs:
+    from tokcompress.policies.llava_scissor import LlavaScissor, scissor
+    from tokcompress.tokens import TokenSet
+
+    features, p = case["inputs"]["features"], case["params"]
+    t, h, w, d = features.shape
+    res = scissor(features.reshape(t, h * w, d), p["tau"], p["epsilon"])
+    policy = LlavaScissor(tau=p["tau"], epsilon=p["epsilon"])(TokenSet(features=features, grid=(t, h, w)))
+    assert torch.equal(policy.keep, res.keep) and torch.equal(policy.assign, res.assign)
+    return {
+        "tokens": policy.values,
+        "s1_label": res.s1_label,
+        "s1_counts": res.s1_counts,
+        "s2_label": res.s2_label,
+        "assign": policy.assign,
+    }
+
+
+def _vidcom2(case: Case) -> Outputs:
+    from tokcompress.policies.vidcom2 import VidCom2, reference_counts, vidcom2_scores, vidcom2_select
+    from tokcompress.tokens import TokenSet
+
+    features, inputs, r = case["inputs"]["features"], case["inputs"], case["params"]["base_scale"]
+    t, h, w, d = features.shape
+    if case["layout"] == "qwen2_5_vl":
+        s = case["params"]["spatial_merge_size"]
+        assert inputs["video_grid_thw"].tolist() == [t, h * s, w * s]
+    x = features.reshape(t, h * w, d)
+    scores = vidcom2_scores(x, r)
+    counts = reference_counts(scores.shares, h * w)
+    keep = vidcom2_select(scores, counts)
+    policy = VidCom2(retain=r, exact_budget=False)(TokenSet(features=features, grid=(t, h, w)))
+    assert torch.equal(policy.keep, keep)
+    flat = x.reshape(-1, d)
+    if case["layout"] == "llava_video":  # per frame: kept tokens, then the frame's h newline tokens
+        src = torch.cat([torch.cat([keep[keep // (h * w) == f], torch.full((h,), -1)]) for f in range(t)])
+    else:
+        src = keep
+    tokens = torch.where((src >= 0)[:, None], flat[src.clamp(min=0)], inputs.get("newline", torch.zeros(d)))
+    return {
+        "keep": policy.keep,
+        "src": src,
+        "tokens": tokens,
+        "k_per_frame": counts,
+        "channels": scores.channels,
+        "vid_score": scores.vid_score,
+        "frame_score": scores.frame_score,
+        "frame_prob": scores.frame_prob,
+        "scales": scores.shares.clamp(max=1.0),
+    }
+
+
+def _sttm(case: Case) -> Outputs:
+    from tokcompress.policies.sttm import STTM, sttm
+    from tokcompress.tokens import TokenSet
+
+    features, p = case["inputs"]["features"], case["params"]
+    assert p["sa_tree_weighted_avg"] is False
+    t, h, w, _ = features.shape
+    temporal = p["sa_tree_temporal_thresh"]
+    res = sttm(features, p["sa_tree_thresh"], temporal if temporal > 0 else None, p["sa_tree_root_level"])
+    policy = STTM(
+        sa_tree_thresh=p["sa_tree_thresh"], sa_tree_temporal_thresh=temporal, sa_tree_root_level=p["sa_tree_root_level"]
+    )(TokenSet(features=features, grid=(t, h, w)))
+    assert torch.equal(policy.keep, res.keep) and torch.equal(policy.assign, res.assign)
+    return {
+        "tokens": policy.values,
+        "keep": policy.keep,
+        "tlbr": res.tlbr,
+        "num_patch": res.num_patch,
+        "node_tlbr": res.node_tlbr,
+        "node_rep": res.node_rep,
+    }
+
+
+def _visionzip(case: Case) -> Outputs:
+    from tokcompress.policies.visionzip import VisionZip, visionzip
+    from tokcompress.tokens import TokenSet
+
+    inputs, p = case["inputs"], case["params"]
+    features, cls = inputs["features"], inputs["cls"]
+    t, h, w, d = features.shape
+    n = h * w
+    saliency = inputs["cls_attn"][:, :, 1:].sum(1)  # CLS row summed over heads
+    keys = inputs["keys"].mean(1)[:, 1:]  # keys averaged over heads, patches only
+    x = features.reshape(t, n, d)
+    dom_patches, ctx = p["dominant"] - 1, p["contextual"]  # the reference's dominant counts CLS
+    res = visionzip(saliency, keys, x, dom_patches, ctx)
+    signals = {"vision_saliency": saliency, "vision_keys": keys}
+    policy = VisionZip(dominant=dom_patches, contextual=ctx)(TokenSet(features=features, grid=(t, h, w), signals=signals))
+    assert torch.equal(policy.keep, res.keep)
+    frame = torch.arange(t)[:, None] * n
+    tokens = torch.cat([torch.cat([cls[:, None], x.gather(1, res.dominant[..., None].expand(-1, -1, d)), res.contextual], 1)])
+    kind = torch.tensor([0] + [1] * dom_patches + [2] * ctx).repeat(t)
+    src = torch.cat([torch.full((t, 1), -1), res.dominant + frame, res.targets + frame], 1)
+    return {
+        "tokens": tokens.reshape(-1, d),
+        "keep": policy.keep,
+        "kind": kind,
+        "src": src.reshape(-1),
+        "all_indices": torch.cat([torch.zeros(t, 1, dtype=torch.long), res.dominant + 1], 1),
+        "ctx_assign": res.ctx_assign,
+    }
+
+
 #: case["policy"] -> function(case) -> outputs keyed as in case["expected"] (a subset is fine).
-GOLDEN: dict[str, Callable[[Case], Outputs]] = {}
+GOLDEN: dict[str, Callable[[Case], Outputs]] = {
+    "llava_scissor": _llava_scissor,
+    "sttm": _sttm,
+    "vidcom2": _vidcom2,
+    "visionzip": _visionzip,
+}
 
 
 @pytest.mark.parametrize("path", CASES, ids=[str(p.relative_to(GOLDEN_DIR)) for p in CASES])

@@ -42,6 +42,7 @@ class CacheState:
     prefix_mask: Tensor  # (B, compact_len) 2-D mask of the compact prompt
     prefix_all_ones: bool
     kv: Any = None  # per-layer layouts of in-layer / decode-time stages (tokcompress.layers.KVState)
+    shift: Tensor | None = None  # (B,) tokens removed per row when positions are compacted, else None
 
 
 def _sync(device: torch.device) -> None:
@@ -81,6 +82,11 @@ class Session:
         decode_policies = [p for p in stages if isinstance(p, DecodePolicy)]
         if len(decode_policies) > 1:
             raise ValueError(f"a chain can hold one decode-time policy; got {[p.label for p in decode_policies]}")
+        # positions="compacted" (some policies offer it to match references that renumber the shortened
+        # sequence) applies to 1-D positions; M-RoPE families always keep the original ids.
+        self.compact_positions = adapter.positions == "1d" and any(
+            getattr(p, "positions", "kept") == "compacted" for p in self.input_policies
+        )
         missing = set(policy.needs) - {"query"} - set(adapter.signals)
         if missing:
             raise MissingSignalError(
@@ -219,6 +225,9 @@ class Session:
 
     def _continue(self, kwargs: dict, cache: Cache, state: CacheState) -> dict:
         """A step after a compressed prefill: map the logical 2-D mask to the physical cache."""
+        positions = kwargs.get("position_ids")
+        if state.shift is not None and positions is not None:  # compacted positions continue from the short prompt
+            kwargs = {**kwargs, "position_ids": positions - state.shift.to(positions.device)[:, None]}
         embeds = kwargs.get("inputs_embeds")
         q = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
         decoded = cache.get_seq_length() - state.compact_len
@@ -324,6 +333,11 @@ class Session:
         out["inputs_embeds"] = new_embeds
         out["attention_mask"] = None if (mask is None and not dropped) else new_mask
         new_positions = self._compact_positions(position_ids, index, new_mask, batch, length, dropped, embeds.device)
+        shift = None
+        if self.compact_positions and new_positions is not None:
+            removed = (~keep & valid).long()
+            new_positions = new_positions - removed.cumsum(1).gather(1, index)
+            shift = removed.sum(1)
         if new_positions is not None:
             out["position_ids"] = new_positions
         out.update(self.adapter.gather_extra(kwargs, index, slot_valid))
@@ -341,6 +355,7 @@ class Session:
                 compact_len=compact_len,
                 prefix_mask=new_mask,
                 prefix_all_ones=mask is None and bool(new_mask.all()),
+                shift=shift,
             )
         merged_rows = {row for row, _, _ in new_values}
         self.record = self._rows_record(

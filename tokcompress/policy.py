@@ -28,6 +28,19 @@ def check_retain(retain: float, name: str = "retain") -> float:
     return float(retain)
 
 
+#: How survivors are numbered: "kept" (original position ids, the engine's default) or "compacted"
+#: (the shortened sequence renumbered consecutively, as references that rebuild the input do; 1-D
+#: positions only, M-RoPE families always keep the original ids).
+POSITIONS = ("kept", "compacted")
+
+
+def check_positions(positions: str) -> str:
+    """Return ``positions`` or raise a ValueError that says what is allowed."""
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}; got {positions!r}")
+    return positions
+
+
 def round_half_up(x: float) -> int:
     """Round to the nearest integer, halves up (Python's round() rounds halves to even)."""
     return int(math.floor(x + 0.5))
@@ -189,7 +202,8 @@ class Sequential(Policy):
                 raise ValueError(
                     f"policy {child.name!r} needs the full frame grid and cannot follow another policy; put it first"
                 )
-        self.retain = math.prod(p.retain for p in self.policies if p.stage == "input")
+        # Threshold-controlled policies (retain None) count as 1: their kept fraction is data-dependent.
+        self.retain = math.prod(p.retain for p in self.policies if p.stage == "input" and p.retain is not None)
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]

@@ -4,7 +4,12 @@ from .baselines import Frames, KeepAll, Pool, RandomKeep, Uniform
 from .dycoke import DyCoke, DyCokeKV, DyCokeTTM
 from .fastv import FastV
 from .holitom_inner import HoliTomInner
+from .llava_scissor import LlavaScissor
 from .prunevid import PruneVid, PruneVidInner, PruneVidOuter
+from .sttm import STTM
+from .ts_llava import TSLLaVA
+from .vidcom2 import VidCom2
+from .visionzip import VisionZip
 
 __all__ = [
     "DyCoke",
@@ -14,10 +19,15 @@ __all__ = [
     "Frames",
     "HoliTomInner",
     "KeepAll",
+    "LlavaScissor",
     "Pool",
     "PruneVid",
     "PruneVidInner",
     "PruneVidOuter",
     "RandomKeep",
+    "STTM",
+    "TSLLaVA",
     "Uniform",
+    "VidCom2",
+    "VisionZip",
 ]
