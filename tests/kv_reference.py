@@ -90,12 +90,13 @@ def run_row(
     steps: int,
     stages: list[Stage] = (),
     decode: DecodeRule | None = None,
+    compacted: bool = False,
 ) -> RunResult:
     adapter = adapter_for(model)
     lm = adapter.language_model(model)
     layers = adapter.decoder_layers(model)
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    hidden, pos, extra = row_inputs(model, captured, input_ids, records, row)
+    hidden, pos, extra = row_inputs(model, captured, input_ids, records, row, compacted)
     present = captured.mask[row] & ~_placeholders(model, input_ids[row])
     present[records[row].kept] = True
     seq = present.nonzero().squeeze(1)  # original position of each current token

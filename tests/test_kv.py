@@ -159,6 +159,16 @@ CASES = {
         lambda rec: [],
         lambda: DecodeRule(2, ref_dycoke(0.3, 0.9)),
     ),
+    "dycoke_compacted": (
+        ("dycoke", {"retain": 0.5, "kv_retain": 0.3, "layer": 2, "evict": True, "positions": "compacted"}),
+        lambda rec: [],
+        lambda: DecodeRule(2, ref_dycoke(0.3, 0.9), evict=True),
+    ),
+    "prunevid_compacted": (
+        ("prunevid", {"retain": 0.5, "tau": 0.5, "k": 3, "selected_layer": 2, "positions": "compacted"}),
+        lambda rec: [Stage(3, ref_prunevid(0.5, _groups(rec)), prune_earlier=True)],
+        None,
+    ),
     "fastv+dycoke_kv_evict": (
         ([tc.build_policy("fastv", retain=0.5, layer=2), tc.build_policy("dycoke_kv", retain=0.5, layer=3, evict=True)], {}),
         lambda rec: [Stage(2, ref_fastv(0.5))],
@@ -195,7 +205,8 @@ def _check_against_reference(family: str, attn: str, batch: int, case: str) -> N
     eos = model.generation_config.eos_token_id
     for row in range(batch):
         rule = rule_of() if rule_of else None
-        ref = run_row(model, captured, inputs["input_ids"], records, row, STEPS, stages_of(records[row]), rule)
+        compacted = case.endswith("_compacted")
+        ref = run_row(model, captured, inputs["input_ids"], records, row, STEPS, stages_of(records[row]), rule, compacted)
         n = _steps_until_eos(ref.tokens, eos)
         assert torch.equal(tokens[row, :n], ref.tokens[:n]), f"row {row}: tokens differ from the reference"
         got = torch.stack([step[row] for step in out.logits[:n]])
@@ -216,11 +227,18 @@ def _check_against_reference(family: str, attn: str, batch: int, case: str) -> N
             assert any(s["pruned"] for s in steps), "the test should exercise at least one pruning step"
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c for c in CASES if not c.endswith("_compacted")])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_matches_layer_by_layer_reference_batch2(family, attn, case):
     _check_against_reference(family, attn, 2, case)
+
+
+@pytest.mark.parametrize("case", ["dycoke_compacted", "prunevid_compacted"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_compacted_positions_match_the_reference(attn, case):
+    """The references renumber positions after their outer stages; positions="compacted" does too (1-D)."""
+    _check_against_reference("llava_onevision", attn, 2, case)
 
 
 @pytest.mark.parametrize("case", ["holitom_inner", "prunevid", "fastv+dycoke_kv_evict"])

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..policy import DecodePolicy, Policy, check_layer, check_retain, scaled_layer
+from ..policy import DecodePolicy, Policy, check_layer, check_positions, check_retain, scaled_layer
 from ..registry import register
 from ..tokens import Compression, DecodeChoice, DecodeTokens, TokenSet, selection
 
@@ -125,14 +125,21 @@ class DyCokeTTM(Policy):
             default ``dycoke_k = 0.7``, so 0.3). Per pruned frame ``int((1 - dycoke_k) * n)``. About
             three quarters of the frames are pruned, so the whole video keeps roughly
             ``1/4 + 3/4 * retain`` of its tokens (T = 32, retain 0.3: 49.4%).
+        positions: ``"kept"`` (survivors keep their position ids) or ``"compacted"`` (renumbered
+            consecutively as in the reference; 1-D positions only).
 
-    The kept tokens stay at their original positions, in order (the reference emits a pruned
-    frame's tokens in ascending similarity, compacted); ``info["order"]`` gives the reference order.
+    The kept tokens stay in their original order (the reference emits a pruned frame's tokens in
+    ascending similarity); ``info["order"]`` gives the reference order.
     """
 
     retain: float = 0.3
+    positions: str = "kept"
 
     accepts_partial: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        self.retain = check_retain(self.retain)
+        check_positions(self.positions)
 
     def keep_per_pruned_frame(self, n: int) -> int:
         return ttm_keep(n, 1.0 - self.retain)
@@ -215,18 +222,20 @@ class DyCoke(Policy):
         kv_retain: KV pruning's kept fraction of the visual entries (``1 - dycoke_p``; 0.2).
         layer: ``dycoke_l`` (see :class:`DyCokeKV`).
         evict: physical eviction instead of the reference's per-step masking (see :class:`DyCokeKV`).
+        positions: TTM's (see :class:`DyCokeTTM`).
     """
 
     retain: float = 0.3
     kv_retain: float = 0.2
     layer: int | None = None
     evict: bool = False
+    positions: str = "kept"
 
     accepts_partial: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.kv_retain = check_retain(self.kv_retain, "kv_retain")
-        self._parts = (DyCokeTTM(retain=self.retain), DyCokeKV(retain=self.kv_retain, layer=self.layer, evict=self.evict))
+        self._parts = (DyCokeTTM(retain=self.retain, positions=self.positions), DyCokeKV(retain=self.kv_retain, layer=self.layer, evict=self.evict))
         self.retain = self._parts[0].retain
         self.kv_retain = self._parts[1].retain
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..cluster import dpc_knn, nearest_center
-from ..policy import LayerPolicy, Policy, check_layer, check_retain, scaled_layer
+from ..policy import LayerPolicy, Policy, check_layer, check_positions, check_retain, scaled_layer
 from ..registry import register
 from ..tokens import Compression, LayerTokens, TokenSet, selection
 from .fastv import top_indices
@@ -265,9 +265,11 @@ class PruneVidOuter(Policy):
         tau: a position is static in a window when its mean pairwise cosine is above it (0.8).
         temporal_segment_ratio: temporal clusters per frame (0.25: ``int(T / 4)`` clusters).
         k: neighbours of the temporal DPC-kNN density (7; capped at ``T``, where the reference fails).
+        positions: ``"kept"`` (each output token takes the position of the token carrying it: the
+            window's first frame for a static token, the centre for a cluster) or ``"compacted"``
+            (renumbered consecutively as in the reference; 1-D positions only).
 
-    Merged tokens take the position of the token carrying them (the window's first frame for a static
-    token, the centre for a cluster) instead of the reference's compacted, score-ordered layout;
+    Output tokens sit in position order, not in the reference's score-ranked order;
     ``info["order"]`` gives the reference order and ``info["token_groups"]`` the groups the inner stage prunes.
     """
 
@@ -275,11 +277,13 @@ class PruneVidOuter(Policy):
     tau: float = 0.8
     temporal_segment_ratio: float = 0.25
     k: int = 7
+    positions: str = "kept"
 
     accepts_partial: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.retain = check_retain(self.retain)
+        check_positions(self.positions)
         self.temporal_segment_ratio = check_retain(self.temporal_segment_ratio, "temporal_segment_ratio")
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
             raise ValueError(f"tau must be a number (cosine threshold, 0.8 upstream); got {self.tau!r}")
@@ -363,7 +367,7 @@ class PruneVid(Policy):
 
     Args:
         retain: ``alpha``, the fraction of each group the inner stage keeps (0.4).
-        cluster_ratio, tau, temporal_segment_ratio, k: the outer stage's (0.5, 0.8, 0.25, 7).
+        cluster_ratio, tau, temporal_segment_ratio, k, positions: the outer stage's (0.5, 0.8, 0.25, 7, "kept").
         selected_layer: the inner stage's (10 of 32 layers, scaled to the depth when None).
 
     With the reference defaults PLLaVA-7B keeps about 16% of its video tokens.
@@ -375,13 +379,14 @@ class PruneVid(Policy):
     temporal_segment_ratio: float = 0.25
     k: int = 7
     selected_layer: int | None = None
+    positions: str = "kept"
 
     accepts_partial: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.cluster_ratio = check_retain(self.cluster_ratio, "cluster_ratio")
         self._parts = (
-            PruneVidOuter(self.cluster_ratio, self.tau, self.temporal_segment_ratio, self.k),
+            PruneVidOuter(self.cluster_ratio, self.tau, self.temporal_segment_ratio, self.k, self.positions),
             PruneVidInner(self.retain, self.selected_layer),
         )
         self.retain = self._parts[1].retain
