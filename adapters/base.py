@@ -169,6 +169,66 @@ def split_videos(target: Tensor, counts: list[int] | None) -> list[tuple[int, Te
     return out
 
 
+
+def last_capture(call: CallContext, name: str) -> Any | None:
+    """The latest value recorded under ``name`` in this call (images are encoded before videos, so
+    a vision tower's last call is the videos'), or None."""
+    values = [v for v in call.captured.get(name, []) if v is not None]
+    return values[-1] if values else None
+
+
+def encoded_offsets(items: list[tuple[int, int]], batch: int, encoded: int) -> list[int]:
+    """Where each item's units start among the ``encoded`` units the vision tower processed.
+
+    ``items`` are ``(row, units)`` in batch-row then sequence order (a video's frames, an image's
+    tiles). Normally the units were encoded in that order. ``generate`` with beams or
+    ``num_return_sequences = k`` encodes each prompt's media once and repeats the rows, so row ``r``
+    then shows the media of prompt ``r // k``; that case is recognised and mapped too.
+    """
+    total = sum(units for _, units in items)
+    k = total // encoded if encoded and total % encoded == 0 else 0
+    if k < 1 or batch % k:
+        raise RuntimeError(f"the prompt needs {total} encoded frames/tiles but the vision tower saw {encoded}")
+    per_row: dict[int, int] = {}
+    for row, units in items:
+        per_row[row] = per_row.get(row, 0) + units
+    starts, acc = [], 0
+    for prompt in range(batch // k):
+        starts.append(acc)
+        acc += per_row.get(prompt * k, 0)
+    if acc != encoded:
+        raise RuntimeError(f"the batch rows need {acc} encoded frames/tiles per copy but the vision tower saw {encoded}")
+    out, used = [], {}
+    for row, units in items:
+        out.append(starts[row // k] + used.get(row, 0))
+        used[row] = used.get(row, 0) + units
+    return out
+
+
+def tower_pixels(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor | None:
+    """Capture function: the ``(N, C, H, W)`` pixels a vision tower's forward receives."""
+    pixels = kwargs.get("pixel_values", args[0] if args else None)
+    return None if pixels is None else pixels.detach()
+
+
+def crop_to_patches(pixels: torch.Tensor, patch: int) -> torch.Tensor:
+    """``(..., H, W)`` -> the top-left ``(H // p * p, W // p * p)`` area the patch grid covers (a view)."""
+    return pixels[..., : pixels.shape[-2] // patch * patch, : pixels.shape[-1] // patch * patch]
+
+
+def attach_frames(spans: list[VideoSpan], call: CallContext, patch: int, name: str = "pixels") -> None:
+    """Give each span its ``(F, C, H, W)`` frames from the tower's last ``(N, C, H, W)`` call (in place).
+
+    For towers that see every video frame as one image, in span order (LLaVA-OneVision,
+    LLaVA-NeXT-Video, Video-LLaVA). Does nothing when nothing was captured.
+    """
+    pixels = last_capture(call, name)
+    if pixels is None or not spans:
+        return
+    items = [(span.row, span.grid[0]) for span in spans]
+    starts = encoded_offsets(items, call.target.shape[0], pixels.shape[0])
+    for span, start in zip(spans, starts):
+        span.signals["pixels"] = crop_to_patches(pixels[start : start + span.grid[0]], patch)
 def frame_slices(frames: list[int], total: int) -> list[tuple[int, int]] | None:
     """Where each video's frames lie in a vision-tower call that saw ``total`` frames.
 

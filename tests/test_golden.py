@@ -22,6 +22,35 @@ ATOL = 1e-5
 Case = dict[str, Any]
 Outputs = dict[str, torch.Tensor]
 
+
+def _evs(case: Case) -> Outputs:
+    from tokcompress.policies.evs import EVS, evs_retention_mask
+    from tokcompress.tokens import TokenSet
+
+    features, q = case["inputs"]["features"], case["params"]["q"]
+    t, h, w, _ = features.shape
+    s = case["params"]["spatial_merge_size"]
+    assert list(case["params"]["video_size_thw"]) == [t, h * s, w * s]
+    # The policy's retain is 1 - q; its budget must come out as the reference's for this q.
+    keep = EVS(retain=1 - q)(TokenSet(features=features, grid=(t, h, w))).keep
+    return {"mask": evs_retention_mask(features, q), "keep": keep}
+
+
+def _divprune(case: Case) -> Outputs:
+    from tokcompress.policies.divprune import DivPrune, divprune, divprune_count
+    from tokcompress.tokens import TokenSet
+
+    features, ratio = case["inputs"]["features"], case["params"]["ratio"]
+    t, h, w, d = features.shape
+    x = features.reshape(-1, d)
+    order = divprune(x, divprune_count(ratio, x.shape[0]))
+    if order.numel() == 0:  # the core returns nothing; the policy would keep one token (documented clamp)
+        keep = order
+    else:
+        keep = DivPrune(retain=ratio)(TokenSet(features=features, grid=(t, h, w))).keep
+    return {"order": order, "keep": keep, "tokens": x[keep]}
+
+
 def _llava_scissor(case: Case) -> Outputs:
     from tokcompress.policies.llava_scissor import LlavaScissor, scissor
     from tokcompress.tokens import TokenSet
@@ -127,8 +156,66 @@ def _visionzip(case: Case) -> Outputs:
     }
 
 
+def _dpc_knn(case: Case) -> Outputs:
+    from tokcompress.cluster import dpc_knn
+
+    res = dpc_knn(case["inputs"]["x"], case["params"]["k"], case["params"]["cluster_num"])
+    # dist_matrix is not compared: its diagonal is torch.cdist round-off in the reference (see the README)
+    return {"index": res.index, "keep": res.centers}
+
+
+def _holitom(case: Case) -> Outputs:
+    from tokcompress.policies.holitom import holitom_outer
+
+    p, x = case["params"], case["inputs"]
+    t, h, w, dim = x["features"].shape
+    res = holitom_outer(
+        x["features"].reshape(t, h * w, dim),
+        x["attn"],
+        retain=p["RETAIN_RATIO"],
+        tau=p["T"],
+        beta=p["BETA"],
+        d=p["D"],
+        k=p["K"],
+        max_window_size=p["MAX_WINDOW_SIZE"],
+        no_beta=p["NO_BETA"] != "0",
+    )
+    layout = p["mm_newline_position"]
+    out = res.emitted(layout, (h, w), x.get("newline"))
+    out["windows"] = torch.tensor(res.windows, dtype=torch.long)
+    out["static_mask"] = res.static_mask
+    out["total_reduced"] = torch.tensor(float(res.total_reduced), dtype=torch.float64)
+    out["retain_ratio"] = torch.tensor(res.retain_ratio, dtype=torch.float64)
+    return out
+
+
+def _fastvid(case: Case) -> Outputs:
+    from tokcompress.policies.fastvid import FastVID
+
+    p, x = case["params"], case["inputs"]
+    t, h, w, dim = x["features"].shape
+    policy = FastVID(
+        retain=p["retention_ratio"],
+        DySeg_c=p["DySeg_c"],
+        DySeg_tau=p["DySeg_tau"],
+        STPrune_d=p["STPrune_d"],
+        DTM_p=p["DTM_p"],
+        DTM_beta=p["DTM_beta"],
+    )
+    res = policy.run(x["features"].reshape(t, h * w, dim), x["frame_global"], x["frame_attn"], case["layout"])
+    out = {"keep": res.keep, "tokens": res.values, "segments": torch.tensor(res.info["segments"], dtype=torch.long)}
+    if case["layout"] == "llava_video":  # a row's newline is kept iff one token of the row is
+        out["newline_rows"] = torch.unique(res.keep // w)
+    return out
+
+
 #: case["policy"] -> function(case) -> outputs keyed as in case["expected"] (a subset is fine).
 GOLDEN: dict[str, Callable[[Case], Outputs]] = {
+    "divprune": _divprune,
+    "dpc_knn": _dpc_knn,
+    "evs": _evs,
+    "fastvid": _fastvid,
+    "holitom": _holitom,
     "llava_scissor": _llava_scissor,
     "sttm": _sttm,
     "vidcom2": _vidcom2,

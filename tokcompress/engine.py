@@ -103,7 +103,7 @@ class Session:
         self._stack = ExitStack()
         self.runner: LayerRunner | None = None
         try:
-            self._install(frozenset(policy.needs))
+            self._install(frozenset(policy.needs) | frozenset(policy.optional_needs))
             if layer_policies or decode_policies:
                 self.runner = LayerRunner(
                     adapter.decoder_layers(model),

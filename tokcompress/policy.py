@@ -78,7 +78,8 @@ class Policy:
 
     Subclasses set ``name`` (the registry key), declare the extra ``needs`` they read from
     ``TokenSet.signals`` (``"pixels"``, ``"vision_attention"``, ...; ``"query"`` for the question
-    embeddings), and implement :meth:`compress`.
+    embeddings), the ``optional_needs`` they use when available (and replace by a documented
+    substitute otherwise), and implement :meth:`compress`.
     """
 
     retain: float = 0.25
@@ -86,6 +87,8 @@ class Policy:
     name: ClassVar[str] = "policy"
     stage: ClassVar[str] = "input"
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: Signals the policy uses when the adapter can capture them, with a documented fallback otherwise.
+    optional_needs: ClassVar[frozenset[str]] = frozenset()
     #: False for policies that need the whole grid and so must come first in a chain.
     accepts_partial: ClassVar[bool] = True
 
@@ -208,6 +211,10 @@ class Sequential(Policy):
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
         return frozenset().union(*(p.needs for p in self.policies))
+
+    @property
+    def optional_needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset().union(*(p.optional_needs for p in self.policies)) - self.needs
 
     @property
     def label(self) -> str:

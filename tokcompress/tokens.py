@@ -28,7 +28,12 @@ class TokenSet:
         available: ``(T, n)`` bool of the tokens still present when the policy runs after another
             one in a chain; ``None`` means all are present.
         signals: optional extra inputs, by name: ``"pixels"`` ``(F, C, H, W)`` raw frames,
-            ``"vision_attention"`` ``(T, n)``, ``"frame_features"`` ``(T, D')``, ...
+            ``"vision_attention"`` ``(T, n)`` attention each token receives in the vision layer the
+            features come from (mean over heads and queries, pooled like the features),
+            ``"frame_query_attention"`` ``(T, n)`` one pooled query's attention per frame (the CLS
+            query, or the mean query of towers without CLS), ``"vision_features"`` ``(F, P, C)`` that
+            layer's output before the projector, ``"frame_features"`` ``(T, D')``, ... (see
+            ``tokcompress/adapters/vision_signals.py``)
         query: ``(Q, D)`` embeddings of the prompt text that follows the video (the question), or ``None``.
         layout: model family the tokens come from (``"llava_onevision"``, ``"qwen2_5_vl"``, ...,
             ``"generic"``), for policies whose reference defaults differ per model.

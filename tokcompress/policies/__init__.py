@@ -1,8 +1,13 @@
 """Built-in policies. Importing this package registers them."""
 
 from .baselines import Frames, KeepAll, Pool, RandomKeep, Uniform
+from .divprune import DivPrune
 from .dycoke import DyCoke, DyCokeKV, DyCokeTTM
+from .evs import EVS
+from .evs_pixel import EVSPixel
 from .fastv import FastV
+from .fastvid import FastVID
+from .holitom import HoliTom
 from .holitom_inner import HoliTomInner
 from .llava_scissor import LlavaScissor
 from .prunevid import PruneVid, PruneVidInner, PruneVidOuter
@@ -12,11 +17,16 @@ from .vidcom2 import VidCom2
 from .visionzip import VisionZip
 
 __all__ = [
+    "DivPrune",
     "DyCoke",
     "DyCokeKV",
     "DyCokeTTM",
+    "EVS",
+    "EVSPixel",
     "FastV",
+    "FastVID",
     "Frames",
+    "HoliTom",
     "HoliTomInner",
     "KeepAll",
     "LlavaScissor",
