@@ -128,6 +128,11 @@ def _groups(record) -> dict[int, int]:
 CASES = {
     "fastv": (("fastv", {"retain": 0.5, "layer": 2}), lambda rec: [Stage(2, ref_fastv(0.5))], None),
     "holitom_inner": (("holitom_inner", {"retain": 0.4, "layer": 3}), lambda rec: [Stage(3, ref_holitom(0.4))], None),
+    "holitom+inner": (
+        ("holitom", {"retain": 0.5, "inner": True}),  # outer HoliTom, then the inner merge at the scaled layer 3
+        lambda rec: [Stage(3, ref_holitom(0.5))],
+        None,
+    ),
     "prunevid_inner": (
         ("prunevid_inner", {"retain": 0.4, "selected_layer": 1}),
         lambda rec: [Stage(2, ref_prunevid(0.4, _groups(rec)), prune_earlier=True)],

@@ -211,6 +211,11 @@ def test_composites_expose_their_stages():
     prunevid = tc.build_policy("prunevid", retain=0.3, cluster_ratio=0.6, selected_layer=5)
     assert [p.name for p in prunevid.stages()] == ["prunevid_outer", "prunevid_inner"]
     assert prunevid.stages()[1].resolve_layer(32) == 6
+    holitom = tc.build_policy("holitom", retain=0.2, inner=True)
+    assert [p.name for p in holitom.stages()] == ["holitom", "holitom_inner"]
+    assert holitom.stages()[1].retain == 0.5 and holitom.stages()[1].resolve_layer(28) == 18
+    assert holitom.label.endswith("-> holitom_inner(retain=0.5, layer=auto)")
+    assert tc.build_policy("holitom", inner=False).stages() == [tc.build_policy("holitom", inner=False)]
     chain = tc.build_policy(["uniform", "fastv", "dycoke_kv"])
     assert [p.stage for p in chain.stages()] == ["input", "layer", "decode"]
     with pytest.raises(TypeError, match="acts inside the language model"):
