@@ -184,9 +184,11 @@ class DecodePolicy(Policy):
 
 @dataclass
 class Sequential(Policy):
-    """Apply several input-stage policies one after another; each sees the survivors of the last.
+    """Apply several policies in order. Input-stage ones run one after another, each on the
+    survivors of the last; in-layer and decode-time ones (listed by :meth:`stages`) then act inside
+    the language model on what the input stages kept.
 
-    ``retain`` is derived: the product of the children's. Children are never mutated.
+    ``retain`` is derived: the product of the input-stage children's. Children are never mutated.
     """
 
     policies: Sequence[Policy] = field(default_factory=tuple)
