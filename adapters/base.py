@@ -86,6 +86,18 @@ class Adapter:
     def language_model(self, model: nn.Module) -> nn.Module:
         return self.inner(model).language_model
 
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The language model's decoder layers, in order (in-layer and decode-time policies hook them)."""
+        return self.language_model(model).layers
+
+    def self_attention(self, layer: nn.Module) -> nn.Module:
+        """The attention module of one decoder layer (its q/k projections give the policies' scores)."""
+        return layer.self_attn
+
+    def first_prunable_layer(self, model: nn.Module) -> int:
+        """Smallest decoder layer at whose input the sequence may be shortened (1: layer 0 sees every token)."""
+        return 1
+
     def placeholder_ids(self, model: nn.Module) -> list[int]:
         """Token ids that mark video placeholders in ``input_ids``."""
         raise NotImplementedError

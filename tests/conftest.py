@@ -6,11 +6,15 @@ import functools
 import os
 from dataclasses import dataclass, field
 
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models gain nothing from intra-op threads, and spinning OpenMP threads slow everything down
+# badly on a busy 2-core machine; parallelism comes from pytest-xdist workers instead.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 import tokcompress as tc  # noqa: E402
 from tokcompress.tiny import FAMILIES, build, make_inputs  # noqa: E402
