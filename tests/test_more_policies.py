@@ -43,15 +43,6 @@ from reference import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny models are too small for intra-op threads to pay off on a shared machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _smooth_video(t: int, h: int, w: int, d: int, seed: int, noise: float = 0.05) -> torch.Tensor:
     """``(T, h, w, D)`` tokens: a coarse random field upsampled (neighbours similar) plus noise."""
     g = torch.Generator().manual_seed(seed)
