@@ -8,7 +8,17 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import Adapter, CallContext, Capture, VideoSpan, counts_from_inputs, encoded_offsets, runs, split_videos
+from .base import (
+    Adapter,
+    CallContext,
+    Capture,
+    VideoSpan,
+    counts_from_inputs,
+    encoded_offsets,
+    encoded_offsets_or_none,
+    runs,
+    split_videos,
+)
 from .internvl import InternVLAdapter
 from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -54,6 +64,7 @@ __all__ = [
     "adapter_for",
     "counts_from_inputs",
     "encoded_offsets",
+    "encoded_offsets_or_none",
     "runs",
     "split_videos",
     "supported_models",

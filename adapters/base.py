@@ -86,6 +86,18 @@ class Adapter:
     def language_model(self, model: nn.Module) -> nn.Module:
         return self.inner(model).language_model
 
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The language model's decoder layers, in order (in-layer and decode-time policies hook them)."""
+        return self.language_model(model).layers
+
+    def self_attention(self, layer: nn.Module) -> nn.Module:
+        """The attention module of one decoder layer (its q/k projections give the policies' scores)."""
+        return layer.self_attn
+
+    def first_prunable_layer(self, model: nn.Module) -> int:
+        """Smallest decoder layer at whose input the sequence may be shortened (1: layer 0 sees every token)."""
+        return 1
+
     def placeholder_ids(self, model: nn.Module) -> list[int]:
         """Token ids that mark video placeholders in ``input_ids``."""
         raise NotImplementedError
@@ -165,32 +177,58 @@ def last_capture(call: CallContext, name: str) -> Any | None:
     return values[-1] if values else None
 
 
-def encoded_offsets(items: list[tuple[int, int]], batch: int, encoded: int) -> list[int]:
-    """Where each item's units start among the ``encoded`` units the vision tower processed.
+def encoded_offsets_or_none(items: list[tuple[int, int]], batch: int, encoded: int) -> list[int] | None:
+    """Where each item's units start among the ``encoded`` units the vision tower processed, or None.
 
     ``items`` are ``(row, units)`` in batch-row then sequence order (a video's frames, an image's
-    tiles). Normally the units were encoded in that order. ``generate`` with beams or
-    ``num_return_sequences = k`` encodes each prompt's media once and repeats the rows, so row ``r``
-    then shows the media of prompt ``r // k``; that case is recognised and mapped too.
+    tiles, or 1 per video where the tower reports one entry per video). Normally the units were
+    encoded in that order. ``generate`` with beams or ``num_return_sequences = k`` encodes each
+    prompt's media once, in prompt order, and repeats the rows (``repeat_interleave``), so row ``r``
+    then shows the media of prompt ``r // k``, all of them: ``(A, B)`` of one prompt appear as rows
+    ``A, B, A, B``. That case is recognised and mapped too. None when the items do not fit
+    ``encoded`` either way (the copies of a row must hold the same items).
     """
     total = sum(units for _, units in items)
-    k = total // encoded if encoded and total % encoded == 0 else 0
+    if encoded <= 0 or total % encoded:
+        return None
+    k = total // encoded
     if k < 1 or batch % k:
-        raise RuntimeError(f"the prompt needs {total} encoded frames/tiles but the vision tower saw {encoded}")
-    per_row: dict[int, int] = {}
+        return None
+    per_row: list[list[int]] = [[] for _ in range(batch)]
     for row, units in items:
-        per_row[row] = per_row.get(row, 0) + units
+        per_row[row].append(units)
+    if any(per_row[r] != per_row[r - r % k] for r in range(batch)):
+        return None
     starts, acc = [], 0
-    for prompt in range(batch // k):
+    for prompt in range(0, batch, k):
         starts.append(acc)
-        acc += per_row.get(prompt * k, 0)
+        acc += sum(per_row[prompt])
     if acc != encoded:
-        raise RuntimeError(f"the batch rows need {acc} encoded frames/tiles per copy but the vision tower saw {encoded}")
-    out, used = [], {}
+        return None
+    out, used = [], [0] * batch
     for row, units in items:
-        out.append(starts[row // k] + used.get(row, 0))
-        used[row] = used.get(row, 0) + units
+        out.append(starts[row // k] + used[row])
+        used[row] += units
     return out
+
+
+def encoded_offsets(items: list[tuple[int, int]], batch: int, encoded: int) -> list[int]:
+    """:func:`encoded_offsets_or_none`, raising ``RuntimeError`` when the items do not fit."""
+    out = encoded_offsets_or_none(items, batch, encoded)
+    if out is None:
+        total = sum(units for _, units in items)
+        raise RuntimeError(f"the prompt needs {total} encoded frames/tiles but the vision tower saw {encoded}")
+    return out
+
+
+def span_frames(spans: list[VideoSpan], call: CallContext, encoded: Tensor) -> list[Tensor] | None:
+    """Each span's rows of ``encoded`` ``(N, ...)``, a per-frame output of one tower call, or None.
+
+    For towers that see every video frame as one image, in span order (see
+    :func:`encoded_offsets_or_none`; beam copies share their video's rows).
+    """
+    starts = encoded_offsets_or_none([(s.row, s.grid[0]) for s in spans], call.target.shape[0], encoded.shape[0])
+    return None if starts is None else [encoded[a : a + s.grid[0]] for s, a in zip(spans, starts)]
 
 
 def tower_pixels(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor | None:
@@ -204,37 +242,19 @@ def crop_to_patches(pixels: torch.Tensor, patch: int) -> torch.Tensor:
     return pixels[..., : pixels.shape[-2] // patch * patch, : pixels.shape[-1] // patch * patch]
 
 
-def attach_frames(spans: list[VideoSpan], call: CallContext, patch: int, name: str = "pixels") -> None:
+def attach_frames(spans: list[VideoSpan], call: CallContext, patch: int) -> None:
     """Give each span its ``(F, C, H, W)`` frames from the tower's last ``(N, C, H, W)`` call (in place).
 
     For towers that see every video frame as one image, in span order (LLaVA-OneVision,
-    LLaVA-NeXT-Video, Video-LLaVA). Does nothing when nothing was captured.
+    LLaVA-NeXT-Video, Video-LLaVA); the frames are cropped to the area the ``patch``-pixel token
+    grid covers. Does nothing when nothing was captured; raises when the call does not fit the spans.
     """
-    pixels = last_capture(call, name)
+    pixels = last_capture(call, "pixels")
     if pixels is None or not spans:
         return
-    items = [(span.row, span.grid[0]) for span in spans]
-    starts = encoded_offsets(items, call.target.shape[0], pixels.shape[0])
-    for span, start in zip(spans, starts):
-        span.signals["pixels"] = crop_to_patches(pixels[start : start + span.grid[0]], patch)
-def frame_slices(frames: list[int], total: int) -> list[tuple[int, int]] | None:
-    """Where each video's frames lie in a vision-tower call that saw ``total`` frames.
-
-    ``frames`` are the frame counts of the located videos in span order. Usually the tower saw them
-    all, one after another. ``generate`` with beams or several return sequences encodes each video
-    once and then repeats it ``r`` times in a row (``repeat_interleave``); then span ``i`` reads video
-    ``i // r``. Returns ``(start, end)`` per video, or None when the call cannot be matched.
-    """
-    if not frames or total <= 0:
-        return None
-    seen = sum(frames)
-    if seen % total:
-        return None
-    r = seen // total
-    if len(frames) % r or any(len(set(frames[i : i + r])) != 1 for i in range(0, len(frames), r)):
-        return None
-    out, start = [], 0
-    for i in range(0, len(frames), r):
-        out += [(start, start + frames[i])] * r
-        start += frames[i]
-    return out
+    frames = span_frames(spans, call, pixels)
+    if frames is None:
+        need = sum(s.grid[0] for s in spans)
+        raise RuntimeError(f"the prompt needs {need} encoded frames but the vision tower saw {pixels.shape[0]}")
+    for span, value in zip(spans, frames):
+        span.signals["pixels"] = crop_to_patches(value, patch)

@@ -24,7 +24,18 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, CallContext, Capture, VideoSpan, crop_to_patches, encoded_offsets, last_capture, runs, tower_pixels
+from .base import (
+    Adapter,
+    CallContext,
+    Capture,
+    VideoSpan,
+    crop_to_patches,
+    encoded_offsets,
+    encoded_offsets_or_none,
+    last_capture,
+    runs,
+    tower_pixels,
+)
 from .vision_signals import ATTENTION_SIGNALS, layer_attention_capture
 
 
@@ -63,12 +74,16 @@ class FramesAsImagesAdapter(Adapter):
             out.append(Capture("vision_attention_maps", layer, layer_attention_capture(wanted, cls_token=self.cls_token)))
         return out
 
-    def tile_index(self, call: CallContext, spans: list[VideoSpan], n: int, encoded: int) -> list[Tensor] | None:
-        """Per span, the rows of the tower's last call that encoded its frames (None: cannot be told)."""
+    def tile_index(self, call: CallContext, spans: list[VideoSpan], n: int, encoded: int, *, strict: bool = False) -> list[Tensor] | None:
+        """Per span, the rows of the tower's last call that encoded its frames.
+
+        None when that cannot be told, or with ``strict`` a ``RuntimeError``.
+        """
         images = [(row, s, (e - s) // n) for row in range(call.target.shape[0]) for s, e in runs(call.target[row])]
-        try:
-            starts = encoded_offsets([(row, k) for row, _, k in images], call.target.shape[0], encoded)
-        except RuntimeError:
+        items = [(row, k) for row, _, k in images]
+        find = encoded_offsets if strict else encoded_offsets_or_none
+        starts = find(items, call.target.shape[0], encoded)
+        if starts is None:
             return None
         tile_at = {(row, s): start for (row, s, _), start in zip(images, starts)}
         out = []
@@ -94,14 +109,9 @@ class FramesAsImagesAdapter(Adapter):
         tiles = last_capture(call, "pixels")
         if tiles is None or not spans:
             return
-        images = [(row, s, (e - s) // n) for row in range(call.target.shape[0]) for s, e in runs(call.target[row])]
-        starts = encoded_offsets([(row, k) for row, _, k in images], call.target.shape[0], tiles.shape[0])
-        tile_at = {(row, s): start for (row, s, _), start in zip(images, starts)}
         unit = self.pixels_per_token(model)
-        for span in spans:
-            firsts = span.positions.reshape(span.grid[0], -1)[:, 0].tolist()
-            index = torch.tensor([tile_at[(span.row, p)] for p in firsts], device=tiles.device)
-            span.signals["pixels"] = crop_to_patches(tiles[index], unit)
+        for span, rows in zip(spans, self.tile_index(call, spans, n, tiles.shape[0], strict=True)):
+            span.signals["pixels"] = crop_to_patches(tiles[rows.to(tiles.device)], unit)
 
     def spans(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
         n = self.tokens_per_image(model)

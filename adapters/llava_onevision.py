@@ -1,8 +1,8 @@
 """LLaVA-OneVision (and LLaVA-Video checkpoints, which use the same class).
 
-Signals: ``"thumbnail4"``/``"thumbnail6"``/``"thumbnail8"`` (TS-LLaVA, see ``adapters/thumbnail.py``);
-``"vision_saliency"``/``"vision_keys"`` (VisionZip, ``adapters/visionzip_signals.py``: attention received
-per patch and keys of the feature layer, pooled bilinearly like the features).
+Signals (``adapters/frame_tower.py``): ``"thumbnail4"``/``"thumbnail6"``/``"thumbnail8"`` (TS-LLaVA, see
+``adapters/thumbnail.py``); ``"vision_saliency"``/``"vision_keys"`` (VisionZip, ``adapters/vision_signals.py``:
+attention received per patch and keys of the feature layer, pooled bilinearly like the features).
 
 Per video the span holds ``F * h * w`` pooled SigLIP tokens (bilinear 2x pooling of the patch grid,
 e.g. 27x27 -> 14x14) followed by ONE ``image_newline`` token; positions are 1-D.
@@ -25,34 +25,12 @@ SigLIP's pooling head themselves (FastVID).
 from __future__ import annotations
 
 import math
-from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
 
-from torch import Tensor
-
-from .base import (
-    Adapter,
-    CallContext,
-    Capture,
-    VideoSpan,
-    attach_frames,
-    counts_from_inputs,
-    split_videos,
-    tower_pixels,
-)
-from .thumbnail import THUMBNAIL_SIGNALS, ThumbnailSupport
-from .vision_signals import ATTENTION_SIGNALS, attach_frame_signals, encoded_order, feature_layer
-from .vision_signals import layer_attention_capture
-from .visionzip_signals import (
-    VISIONZIP_SIGNALS,
-    attach_visionzip_signals,
-    bilinear_half,
-    encoder_layers,
-    feature_layer_index,
-    visionzip_capture,
-)
+from .base import CallContext, VideoSpan, counts_from_inputs, split_videos
+from .frame_tower import FrameTowerAdapter
 
 
 def pool_patches(values: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -67,13 +45,10 @@ def pool_patches(values: Tensor, grid: tuple[int, int]) -> Tensor:
     return pooled.reshape(frames, -1)
 
 
-class LlavaOnevisionAdapter(ThumbnailSupport, Adapter):
+class LlavaOnevisionAdapter(FrameTowerAdapter):
     name = "llava_onevision"
     model_classes = (LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel)
-    signals = THUMBNAIL_SIGNALS | VISIONZIP_SIGNALS | {"pixels", "vision_features", *ATTENTION_SIGNALS}
-
-    def placeholder_ids(self, model: nn.Module) -> list[int]:
-        return [model.config.video_token_id]
+    signals = FrameTowerAdapter.signals | {"vision_features"}
 
     def frame_grid(self, model: nn.Module) -> tuple[int, int]:
         """Pooled grid per frame: ``ceil(g / 2)`` square, ``g = image_size // patch_size``."""
@@ -81,56 +56,19 @@ class LlavaOnevisionAdapter(ThumbnailSupport, Adapter):
         side = math.ceil((vision.image_size // vision.patch_size) / 2)
         return side, side
 
-    def captures(self, model: nn.Module, signals: frozenset[str]) -> list[Capture]:
-        out = self.thumbnail_captures(model, signals)
-        if VISIONZIP_SIGNALS & signals:  # SigLIP: no CLS; pooled to the token grid like the features
-            inner = self.inner(model)
-            layers = encoder_layers(inner.vision_tower)
-            layer = layers[feature_layer_index(len(layers), inner.config.vision_feature_layer)]
-            out.append(visionzip_capture(layer, has_cls=False, pool=bilinear_half))
-        if "pixels" in signals:  # evs_pixel: the frames as the tower receives them
-            out.append(Capture("pixels", self.inner(model).vision_tower, tower_pixels))
-        return out + self.attention_captures(model, signals)
+    def crop_unit(self, model: nn.Module) -> int:
+        return model.config.vision_config.patch_size
 
-    def attention_captures(self, model: nn.Module, signals: frozenset[str]) -> list[Capture]:
-        """``vision_attention`` / ``frame_query_attention`` / ``vision_features`` on the feature layer."""
-        wanted = [s for s in ATTENTION_SIGNALS if s in signals]
-        if not wanted and "vision_features" not in signals:
-            return []
-        inner = self.inner(model)
-        layer = feature_layer(encoder_layers(inner.vision_tower), inner.config.vision_feature_layer)
-        if layer is None:
-            return []
-        out = []
-        if wanted:
-            out.append(Capture("vision_attention_maps", layer, layer_attention_capture(wanted, cls_token=False)))
-        if "vision_features" in signals:
+    def tower_has_cls(self, model: nn.Module) -> bool:
+        return False  # SigLIP
 
-            def features(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Tensor:
-                hidden = output[0] if isinstance(output, tuple) else output
-                return hidden.detach()
-
-            out.append(Capture("vision_features", layer, features, when="post"))
-        return out
-
-    def attach_attention(self, spans: list[VideoSpan], call: CallContext, grid: tuple[int, int]) -> None:
-        """Per video, the attention maps and features captured in the last tower call (videos last)."""
-        if not spans:
-            return
-        attach_frame_signals(spans, call, lambda v: pool_patches(v, grid))
-        feats = call.captured.get("vision_features") or []
-        frames = spans[0].grid[0]
-        if feats and feats[-1].shape[0] % frames == 0:
-            parts = feats[-1].split(frames)
-            index = encoded_order([s.row for s in spans], call.target.shape[0], len(parts))
-            for span, i in zip(spans, index or []):
-                if span.grid[0] == frames:
-                    span.signals = {**span.signals, "vision_features": parts[i]}
+    def pool(self, model: nn.Module, values: Tensor, signal: str) -> Tensor:
+        return pool_patches(values, self.frame_grid(model))
 
     def thumbnail_tokens(self, pooled: Tensor) -> Tensor:
         return pooled[:, :-1]  # drop the image_newline get_video_features appends
 
-    def spans(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
+    def locate(self, model: nn.Module, call: CallContext) -> list[VideoSpan]:
         h, w = self.frame_grid(model)
         counts = counts_from_inputs(call, h * w, 1)
         spans = []
@@ -139,10 +77,6 @@ class LlavaOnevisionAdapter(ThumbnailSupport, Adapter):
             if rest or frames < 1:
                 raise RuntimeError(f"a LLaVA-OneVision video span of {pos.numel()} tokens is not F*{h}*{w}+1")
             spans.append(VideoSpan(row=row, positions=pos[:-1], grid=(frames, h, w), specials=pos[-1:]))
-        attach_frames(spans, call, model.config.vision_config.patch_size)
-        attach_visionzip_signals(call, spans, [s.grid[0] for s in spans])
-        self.attach_thumbnails(model, call, spans, [s.grid[0] for s in spans])
-        self.attach_attention(spans, call, (h, w))
         return spans
 
 

@@ -37,10 +37,8 @@ from transformers import (
     Qwen2VLModel,
 )
 
-from .base import Adapter, CallContext, Capture, VideoSpan, encoded_offsets, last_capture, split_videos
-from .vision_signals import encoded_order, mean_query_attention, mean_received_attention, project_qk
-
-ATTENTION_SIGNALS = ("vision_attention", "frame_query_attention")
+from .base import Adapter, CallContext, Capture, VideoSpan, encoded_offsets, encoded_offsets_or_none, last_capture, split_videos
+from .vision_signals import ATTENTION_SIGNALS, mean_query_attention, mean_received_attention, project_qk
 
 
 def grid_from_positions(position_ids: Tensor, row: int, pos: Tensor) -> tuple[int, int, int]:
@@ -161,7 +159,7 @@ class Qwen2VLAdapter(Adapter):
         if not maps or not spans:
             return
         encoded = maps[-1]
-        index = encoded_order([s.row for s in spans], call.target.shape[0], len(encoded))
+        index = encoded_offsets_or_none([(s.row, 1) for s in spans], call.target.shape[0], len(encoded))
         if index is None:
             return
         for span, i in zip(spans, index):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import Qwen3VLForConditionalGeneration, Qwen3VLModel
 
 from .qwen2_vl import Qwen2VLAdapter
@@ -21,6 +22,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     name = "qwen3_vl"
     model_classes = (Qwen3VLForConditionalGeneration, Qwen3VLModel)
     lm_extra_kwargs = ("visual_pos_masks", "deepstack_visual_embeds")
+
+    def first_prunable_layer(self, model: nn.Module) -> int:
+        """Deepstack features are added after layers ``0 .. n - 1``, indexed by the full-length visual mask."""
+        return max(1, len(model.config.vision_config.deepstack_visual_indexes))
 
     def gather_extra(self, kwargs: dict[str, Any], index: torch.Tensor, slot_valid: torch.Tensor) -> dict[str, Any]:
         visual = kwargs.get("visual_pos_masks")

@@ -8,26 +8,24 @@ otherwise), placed row-major. Where ``H`` or ``W`` is not a multiple of the grid
 strip at the bottom/right, which is filled with zeros (the reference's 336-pixel frames divide evenly).
 
 :class:`ThumbnailSupport` is mixed into the adapters of families whose ``get_video_features`` can encode
-one more image like a video frame (LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA). It records the
-frames' pixels as the vision tower receives them and, when the prefill is located, encodes each
-video's thumbnail through ``get_video_features`` (tower, feature layer, projector and the family's
-own pooling), so the thumbnail tokens live in the same embedding space as the video's tokens.
+one more image like a video frame (LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA, see
+``adapters/frame_tower.py``). From the frames' pixels as the vision tower receives them (the adapter's
+``"pixels"`` capture) it encodes each video's thumbnail through ``get_video_features`` (tower, feature
+layer, projector and the family's own pooling) when the prefill is located, so the thumbnail tokens
+live in the same embedding space as the video's tokens.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import CallContext, Capture, VideoSpan, frame_slices
+from .base import CallContext, VideoSpan, encoded_offsets_or_none, last_capture
 
 #: Signals for thumbnails of 4, 6 and 8 frames (TS-LLaVA's V1/V2/V3).
 THUMBNAIL_SIGNALS = frozenset({"thumbnail4", "thumbnail6", "thumbnail8"})
-_PIXELS = "thumbnail_frame_pixels"
 
 
 def frame_index(frames: int, k: int) -> Tensor:
@@ -59,40 +57,33 @@ def tile_thumbnail(frames: Tensor, k: int) -> Tensor:
 
 
 class ThumbnailSupport:
-    """Mixin for adapters that can encode a thumbnail image like one more video frame."""
+    """Mixin for adapters that can encode a thumbnail image like one more video frame.
 
-    #: Attribute of the inner model that holds the tower the video frames go through.
-    video_tower_attr = "vision_tower"
+    The adapter records the ``(N, C, H, W)`` frames its tower receives under the ``"pixels"`` capture
+    when :meth:`use_thumbnails` says so, and calls :meth:`attach_thumbnails` once everything else has
+    read the call's captures (encoding a thumbnail runs the tower again).
+    """
 
-    def thumbnail_captures(self, model: nn.Module, signals: frozenset[str]) -> list[Capture]:
-        wanted = sorted(THUMBNAIL_SIGNALS & signals)
-        self._thumbnails = wanted  # which thumbnails spans() builds for this session
-        if not wanted:
-            return []
-
-        def pixels(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Tensor:
-            value = kwargs.get("pixel_values", args[0] if args else None)
-            return value.detach()
-
-        tower = getattr(self.inner(model), self.video_tower_attr)  # type: ignore[attr-defined]
-        return [Capture(_PIXELS, tower, pixels, when="pre")]
+    def use_thumbnails(self, signals: frozenset[str]) -> bool:
+        """Remember which thumbnails this session builds; True when it builds any."""
+        self._thumbnails = sorted(THUMBNAIL_SIGNALS & signals)
+        return bool(self._thumbnails)
 
     def thumbnail_tokens(self, pooled: Tensor) -> Tensor:
         """``(V, m, D)`` thumbnail tokens from ``get_video_features(...).pooler_output`` of 1-frame videos."""
         return pooled
 
     @torch.no_grad()
-    def attach_thumbnails(self, model: nn.Module, call: CallContext, spans: list[VideoSpan], frames: list[int]) -> None:
+    def attach_thumbnails(self, model: nn.Module, call: CallContext, spans: list[VideoSpan]) -> None:
         """Encode the requested thumbnails of every video and put them in ``span.signals``."""
         wanted = getattr(self, "_thumbnails", [])
-        if not wanted or not spans:
+        pixels = last_capture(call, "pixels")
+        if not wanted or not spans or pixels is None:
             return
-        for pixels in reversed(call.captured.get(_PIXELS, [])):
-            slices = frame_slices(frames, pixels.shape[0])
-            if slices is not None:
-                break
-        else:
+        starts = encoded_offsets_or_none([(s.row, s.grid[0]) for s in spans], call.target.shape[0], pixels.shape[0])
+        if starts is None:
             return  # the frames did not go through the tower in this call: the policy reports the missing signal
+        slices = [(a, a + s.grid[0]) for s, a in zip(spans, starts)]
         videos = sorted(set(slices))  # each distinct video once (beams repeat them)
         inner = self.inner(model)  # type: ignore[attr-defined]
         for name in wanted:

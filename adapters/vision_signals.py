@@ -14,6 +14,17 @@ Supported layer shapes (found by attribute, not by class name):
 * ``layernorm_before`` + ``attention.{q_proj,k_proj[,q_norm,k_norm]}`` (InternVL vision);
 * ``norm1`` + ``attn.qkv`` with rotary ``position_embeddings`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
 
+Signals of one layer (:func:`layer_attention_capture`), per encoded image, on its patches (a tower's
+CLS token is dropped from every map):
+
+* ``"vision_attention"``: attention each patch receives, mean over heads and all queries;
+* ``"frame_query_attention"``: attention of one pooled query over the patches (the CLS query where
+  the tower has one, mean over heads; else the mean of all queries, see :func:`mean_query_attention`);
+* ``"vision_saliency"``: what VisionZip ranks by: with a CLS token its attention row *summed* over
+  heads (``attentions[-2][:, :, 0, 1:].sum(1)`` in the reference); without one (SigLIP, the
+  LLaVA-OneVision port in ``cokeshao/HoliTom``'s ``visionzip/``) the attention each patch receives;
+* ``"vision_keys"``: the layer's keys averaged over heads (VisionZip's ``metric``), ``(B, P, d)``.
+
 Everything is computed in float32 under ``torch.no_grad()``.
 """
 
@@ -25,8 +36,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-#: Signals the layer captures below can provide.
+from .base import CallContext, Capture, VideoSpan, span_frames
+
+#: Attention maps the layer captures below provide.
 ATTENTION_SIGNALS = ("vision_attention", "frame_query_attention")
+#: VisionZip's signals, from the same layer capture.
+VISIONZIP_SIGNALS = frozenset({"vision_saliency", "vision_keys"})
+#: Every signal :func:`layer_attention_capture` computes.
+LAYER_SIGNALS = (*ATTENTION_SIGNALS, "vision_saliency", "vision_keys")
 
 #: Largest number of attention probabilities materialised at once (2**26 floats = 256 MiB).
 MAX_BLOCK = 1 << 26
@@ -100,7 +117,7 @@ def project_qk(layer: nn.Module, hidden_states: Tensor, position_embeddings: tup
     Args:
         layer: a vision encoder layer (see the module docstring for the supported shapes).
         hidden_states: the layer's input, ``(B, S, C)`` or unbatched ``(S, C)`` (Qwen-VL packs all
-            patches of a call in one sequence; pass one frame or one video at a time, see :func:`segments`).
+            patches of a call in one sequence; pass one frame or one video at a time).
         position_embeddings: ``(cos, sin)`` ``(S, d)`` or ``(B, S, d)`` for rotary layers (the kwarg
             Qwen-VL blocks receive, sliced like ``hidden_states``).
     """
@@ -176,15 +193,6 @@ def mean_query_attention(qk: QK, group: int = 1) -> Tensor:
     return probs[:, :, 0].mean(dim=1)
 
 
-def segments(lengths: list[int]) -> list[slice]:
-    """Contiguous slices of a packed sequence, one per length (e.g. one per Qwen-VL frame)."""
-    out, start = [], 0
-    for length in lengths:
-        out.append(slice(start, start + length))
-        start += length
-    return out
-
-
 def feature_layer(encoder_layers: nn.ModuleList, feature_layer_index: int | list[int]) -> nn.Module | None:
     """The encoder layer whose output is ``hidden_states[feature_layer_index]`` (HF convention).
 
@@ -200,34 +208,6 @@ def feature_layer(encoder_layers: nn.ModuleList, feature_layer_index: int | list
     return None if position == 0 else encoder_layers[position - 1]
 
 
-def encoded_order(span_rows: list[int], batch: int, encoded: int) -> list[int] | None:
-    """For each located video (batch row ``span_rows[i]``, in order), the index of the video the tower
-    encoded for it, or None when that cannot be told.
-
-    ``generate`` encodes every video once, then for beams / ``num_return_sequences`` repeats each batch
-    row ``r`` times (``repeat_interleave``) and each row's group of videos with it, so row ``b`` of the
-    language-model batch holds the videos of input row ``b // r``.
-    """
-    videos = len(span_rows)
-    if videos == encoded:
-        return list(range(videos))
-    if encoded == 0 or videos % encoded or batch % (videos // encoded):
-        return None
-    r = videos // encoded
-    per_row = [span_rows.count(b) for b in range(batch)]
-    counts = per_row[::r]
-    if any(per_row[b] != counts[b // r] for b in range(batch)) or sum(counts) != encoded:
-        return None
-    prefix = [0]
-    for c in counts:
-        prefix.append(prefix[-1] + c)
-    out, seen = [], [0] * batch
-    for row in span_rows:
-        out.append(prefix[row // r] + seen[row])
-        seen[row] += 1
-    return out
-
-
 def encoder_layers(tower: nn.Module) -> nn.ModuleList:
     """The list of encoder layers of a HF vision tower (``encoder.layers`` or ``encoder.layer``)."""
     inner = getattr(tower, "vision_model", tower)
@@ -239,71 +219,92 @@ def encoder_layers(tower: nn.Module) -> nn.ModuleList:
 def layer_attention_capture(wanted: list[str], cls_token: bool) -> Callable[[nn.Module, tuple, dict, Any], dict[str, Tensor]]:
     """A pre-hook capture function for one encoder layer, returning ``{signal: (B, P)}``.
 
-    ``"vision_attention"``: attention each patch receives (mean over heads and all queries, CLS
-    queries included). ``"frame_query_attention"``: attention of one pooled query per image over its
-    patches, the CLS query when the tower has one (``cls_token``), else the mean of all queries.
-    With ``cls_token`` the CLS column is dropped, so ``P`` counts patches only.
+    ``wanted`` are names from :data:`LAYER_SIGNALS` (see the module docstring); ``"vision_keys"`` is
+    ``(B, P, d)``. With ``cls_token`` the CLS column is dropped, so ``P`` counts patches only.
     """
 
     def capture(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> dict[str, Tensor]:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         qk = project_qk(module, hidden)
+        patches = slice(1, None) if cls_token else slice(None)
+        received = cls_row = None
+        if "vision_attention" in wanted or ("vision_saliency" in wanted and not cls_token):
+            received = mean_received_attention(qk)
+        if cls_token and ("frame_query_attention" in wanted or "vision_saliency" in wanted):
+            cls_row = attention_rows(qk, torch.zeros(1, dtype=torch.long, device=qk.q.device))[:, :, 0, 1:]  # (B, H, P)
         values = {}
         if "vision_attention" in wanted:
-            received = mean_received_attention(qk)
-            values["vision_attention"] = received[:, 1:] if cls_token else received
+            values["vision_attention"] = received[:, patches]
         if "frame_query_attention" in wanted:
-            if cls_token:
-                row = attention_rows(qk, torch.zeros(1, dtype=torch.long, device=qk.q.device))
-                values["frame_query_attention"] = row[:, :, 0, 1:].mean(dim=1)
-            else:
-                values["frame_query_attention"] = mean_query_attention(qk)
+            values["frame_query_attention"] = cls_row.mean(dim=1) if cls_token else mean_query_attention(qk)
+        if "vision_saliency" in wanted:
+            values["vision_saliency"] = cls_row.sum(dim=1) if cls_token else received
+        if "vision_keys" in wanted:
+            values["vision_keys"] = qk.k.mean(dim=1)[:, patches]
         return values
 
     return capture
 
 
-def attach_frame_signals(spans: list[Any], call: Any, pool: Callable[[Tensor], Tensor], name: str = "vision_attention_maps") -> None:
+def feature_layer_captures(tower: nn.Module, feature_layer_index: int | list[int], wanted: list[str], cls_token: bool) -> list[Capture]:
+    """The capture of :func:`layer_attention_capture` on the tower's feature layer (none when nothing
+    is wanted). VisionZip's signals on the patch embeddings (no attention to read) are refused."""
+    if not wanted:
+        return []
+    layer = feature_layer(encoder_layers(tower), feature_layer_index)
+    if layer is None:
+        if VISIONZIP_SIGNALS & set(wanted):
+            raise ValueError("vision_feature_layer selects the patch embeddings, which have no attention to read")
+        return []
+    return [Capture("vision_attention_maps", layer, layer_attention_capture(wanted, cls_token))]
+
+
+def per_patch(pool: Callable[[Tensor], Tensor], values: Tensor) -> Tensor:
+    """Apply ``pool`` ``(N, P) -> (N, n)`` to ``(N, P)`` or, channel by channel, to ``(N, P, c)`` values."""
+    if values.dim() == 2:
+        return pool(values)
+    n, p, c = values.shape
+    pooled = pool(values.transpose(1, 2).reshape(n * c, p))
+    return pooled.reshape(n, c, -1).transpose(1, 2)
+
+
+def attach_frame_signals(
+    spans: list[VideoSpan], call: CallContext, pool: Callable[[Tensor, str], Tensor], name: str = "vision_attention_maps"
+) -> None:
     """Give every span the per-frame signals of the last tower call, pooled onto its token grid.
 
     The last call of the vision tower encodes every frame of every video at once (videos are encoded
-    after images), ``(B, P)`` per signal; ``pool`` maps that to ``(B, h*w)`` the way the model pools
-    its features. All spans must have the same frame count ``F``; the rows split into videos of ``F``
-    frames, matched to the spans by :func:`encoded_order`. Anything that does not fit is left out
-    (the policy then uses its documented substitute).
+    after images), ``(N, P)`` (or ``(N, P, c)``) per signal; ``pool(values, signal)`` maps ``(N, P)`` to
+    ``(N, h*w)`` the way the model pools its features (channels are pooled one by one). The rows are
+    matched to the spans by :func:`~adapters.base.span_frames`. Anything that does not fit is left out
+    (the policy then uses its documented substitute, or reports the missing signal).
     """
     maps = call.captured.get(name) or []
     if not spans or not maps or not isinstance(maps[-1], dict):
         return
-    frames = spans[0].grid[0]
-    if any(s.grid[0] != frames for s in spans):
-        return
     for signal, value in maps[-1].items():
-        if value.shape[0] % frames:
+        pooled = per_patch(lambda v: pool(v, signal), value)
+        parts = span_frames(spans, call, pooled)
+        if parts is None or any(pooled.shape[1] != s.grid[1] * s.grid[2] for s in spans):
             continue
-        pooled = pool(value)
-        if pooled.shape[1] != spans[0].grid[1] * spans[0].grid[2]:
-            continue
-        parts = pooled.split(frames)
-        index = encoded_order([s.row for s in spans], call.target.shape[0], len(parts))
-        if index is None:
-            continue
-        for span, i in zip(spans, index):
-            span.signals = {**span.signals, signal: parts[i]}
+        for span, part in zip(spans, parts):
+            span.signals = {**span.signals, signal: part}
 
 
 __all__ = [
     "ATTENTION_SIGNALS",
+    "LAYER_SIGNALS",
     "MAX_BLOCK",
-    "attach_frame_signals",
-    "encoder_layers",
-    "layer_attention_capture",
-    "encoded_order",
     "QK",
+    "VISIONZIP_SIGNALS",
+    "attach_frame_signals",
     "attention_rows",
+    "encoder_layers",
     "feature_layer",
+    "feature_layer_captures",
+    "layer_attention_capture",
     "mean_query_attention",
     "mean_received_attention",
+    "per_patch",
     "project_qk",
-    "segments",
 ]

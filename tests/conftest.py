@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import functools
 import os
-
-import pytest
-import torch
+from dataclasses import dataclass, field
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models gain nothing from intra-op threads, and spinning OpenMP threads slow everything down
+# badly on a busy 2-core machine; parallelism comes from pytest-xdist workers instead.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+import tokcompress as tc  # noqa: E402
 from tokcompress.tiny import FAMILIES, build, make_inputs  # noqa: E402
+from tokcompress.tokens import selection  # noqa: E402
 from tokcompress.video import synthetic_video  # noqa: E402
 
 QUESTIONS = ("What is moving in this video, and where does it go next?", "Why?")
@@ -43,3 +50,41 @@ def family(request) -> str:
 @pytest.fixture(params=["sdpa", "eager"])
 def attn(request) -> str:
     return request.param
+
+
+def two_video_inputs(family: str, attn: str = "sdpa"):
+    """Batch 1: one prompt holding two different videos (8 and 4 frames for Qwen-VL; 8 and 8 for the
+    LLaVA families, whose processors stack the videos of a call)."""
+    _, processor = tiny(family, attn)
+    first, second = _videos()
+    if family.startswith("qwen"):
+        second = second[:4]
+    content = [{"type": "video"}, {"type": "video"}, {"type": "text", "text": QUESTIONS[0]}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    metadata = [
+        {"total_num_frames": len(v), "fps": 2.0, "duration": len(v) / 2.0, "frames_indices": list(range(len(v))),
+         "height": v.shape[1], "width": v.shape[2]}
+        for v in (first, second)
+    ]
+    out = processor(text=[text], videos=[first, second], video_metadata=metadata, do_sample_frames=False, return_tensors="pt")
+    return dict(out)
+
+
+@dataclass
+class Spy(tc.Policy):
+    """Test-only: keeps every token and records, per video, ``(signals, grid, frames_per_step)`` as the
+    engine handed them over (signals cloned). Subclass it with ``needs`` / ``optional_needs`` to ask
+    for signals."""
+
+    retain: float = 1.0
+    seen: list = field(default_factory=list)
+
+    def compress(self, tokens):
+        signals = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in tokens.signals.items()}
+        self.seen.append((signals, tokens.grid, tokens.frames_per_step))
+        return selection(tokens.available_index())
+
+    @property
+    def signals(self) -> list[dict]:
+        """The recorded signals, one dict per video."""
+        return [signals for signals, _, _ in self.seen]

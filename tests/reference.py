@@ -4,11 +4,13 @@ For each batch row, take what the UNWRAPPED model feeds its language model (capt
 plain forward pre-hook during an unwrapped ``generate``), keep the text tokens and the video tokens
 the record says survived (with the record's merged values, if any), give them their original
 position ids, and run prefill plus greedy decoding directly on the language model, one row at a
-time, without padding. Nothing here uses tokcompress' engine.
+time, without padding. Nothing in the reference uses tokcompress' engine (:func:`compressed_greedy`
+runs the system under test, for the tests to compare with :func:`assert_rows_match`).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,3 +157,41 @@ def same_greedy(generated: Tensor, reference: Tensor, eos: int | list[int] | Non
             n = i + 1
             break
     return torch.equal(generated[:n], reference[:n])
+
+
+@functools.lru_cache(maxsize=None)
+def reference_inputs(family: str, attn: str = "sdpa") -> tuple[dict[str, Tensor], LMInputs]:
+    """The batch-2 test inputs of ``family`` and what the unwrapped model feeds its language model
+    for them (captured once per session; do not modify them)."""
+    from conftest import batch_inputs, tiny
+
+    model, _ = tiny(family, attn)
+    inputs = batch_inputs(family, 2, attn)
+    return inputs, capture_lm_inputs(model, inputs)
+
+
+def compressed_greedy(model: nn.Module, inputs: dict[str, Tensor], steps: int, policy: Any, **params: Any):
+    """``(first, tokens, records)``: :func:`wrapped_greedy` under ``tc.compressed(model, policy, **params)``
+    and the record it left."""
+    with tc.compressed(model, policy, **params):
+        first, tokens = wrapped_greedy(model, inputs, steps)
+        return first, tokens, tc.last_record(model)
+
+
+def assert_rows_match(
+    model: nn.Module,
+    captured: LMInputs,
+    inputs: dict[str, Tensor],
+    got: tuple[Tensor, Tensor, list[tc.RowRecord]],
+    steps: int,
+    *,
+    compacted: bool = False,
+    note: str = "",
+) -> None:
+    """Every row of ``got`` (see :func:`compressed_greedy`) equals :func:`manual_greedy` for it: the
+    first-step logits to 1e-5 and the greedy tokens up to the first EOS."""
+    first, tokens, records = got
+    for row in range(len(records)):
+        ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, steps, compacted)
+        torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0, msg=note or None)
+        assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id), note

@@ -17,7 +17,15 @@ from tokcompress.policies.baselines import evenly_spaced
 from tokcompress.tokens import Compression, TokenSet, selection
 
 from conftest import batch_inputs, tiny
-from reference import capture_lm_inputs, manual_greedy, same_greedy, wrapped_greedy
+from reference import (
+    assert_rows_match,
+    capture_lm_inputs,
+    compressed_greedy,
+    manual_greedy,
+    reference_inputs,
+    same_greedy,
+    wrapped_greedy,
+)
 
 STEPS = 10
 
@@ -72,18 +80,13 @@ POLICIES = [
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p[0] if isinstance(p[0], str) else "uneven")
 def test_pruned_generate_matches_manual_reference(family, attn, policy):
     model, _ = tiny(family, attn)
-    inputs = batch_inputs(family, 2)
-    captured = capture_lm_inputs(model, inputs)
+    inputs, captured = reference_inputs(family, attn)
     name, params = policy
-    with tc.compressed(model, name, **params):
-        first, tokens = wrapped_greedy(model, inputs, STEPS)
-        records = tc.last_record(model)
+    got = compressed_greedy(model, inputs, STEPS, name, **params)
+    records = got[2]
     assert records is not None and len(records) == 2
-    for row in range(2):
-        assert records[row].video_tokens_after < records[row].video_tokens_before
-        ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, STEPS)
-        torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0)
-        assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id)
+    assert all(r.video_tokens_after < r.video_tokens_before for r in records)
+    assert_rows_match(model, captured, inputs, got, STEPS)
     if isinstance(name, QueryLength):
         assert records[0].video_tokens_after != records[1].video_tokens_after, "uneven counts expected"
 
@@ -93,12 +96,9 @@ def test_batch1_pruned_matches_manual_reference(family):
     model, _ = tiny(family)
     inputs = batch_inputs(family, 1)
     captured = capture_lm_inputs(model, inputs)
-    with tc.compressed(model, "uniform", retain=0.25):
-        first, tokens = wrapped_greedy(model, inputs, STEPS)
-        records = tc.last_record(model)
-    ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, 0, STEPS)
-    torch.testing.assert_close(first[0], ref_first, atol=1e-5, rtol=0)
-    assert same_greedy(tokens[0], ref_tokens, model.generation_config.eos_token_id)
+    got = compressed_greedy(model, inputs, STEPS, "uniform", retain=0.25)
+    assert len(got[2]) == 1
+    assert_rows_match(model, captured, inputs, got, STEPS)
 
 
 def test_pool_values_are_bin_means():

@@ -53,7 +53,7 @@ def test_matches_reference_transcription(preset, t, params):
     got = policy.run(feats, glob, attn, preset)
     assert torch.equal(got.keep, want_keep)
     torch.testing.assert_close(got.values, want_tokens, atol=1e-5, rtol=0)
-    assert [e - s + 1 for s, e in got.info["segments"]] == sizes
+    assert [e - s for s, e in got.info["segments"]] == sizes
 
 
 @pytest.mark.parametrize("t,retain,d,p", [(16, 0.1, 0.4, 4), (9, 0.3, 0.5, 2), (7, 0.1, 0.1, 2), (5, 0.5, 0.0, 3)])
@@ -66,7 +66,7 @@ def test_onevision_budget_follows_the_spec(t, retain, d, p):
     n_ctx = fr - n_sal
     want = t * n_sal
     for s, e in out.info["segments"]:
-        length = e - s + 1
+        length = e - s
         anchors = math.ceil(length / p)
         want += anchors * min((n_ctx * length) // anchors, n - n_sal) if n_ctx else 0
     assert out.keep.numel() == want
@@ -101,15 +101,15 @@ def test_valid_compression_on_any_shape(t, h, w, retain, d, p, c, preset, seed):
     slots = torch.arange(out.keep.numel())
     assert torch.equal(out.assign[out.keep], slots)  # every kept token is its own slot
     assert bool(((out.assign >= -1) & (out.assign < out.keep.numel())).all())
-    segs = out.info["segments"]
-    assert segs[0][0] == 0 and segs[-1][1] == t - 1
-    assert all(b[0] == a[1] + 1 for a, b in zip(segs, segs[1:]))
+    segs = out.info["segments"]  # half-open
+    assert segs[0][0] == 0 and segs[-1][1] == t
+    assert all(b[0] == a[1] for a, b in zip(segs, segs[1:])) and all(e > s for s, e in segs)
 
 
 def test_edge_cases_and_fallbacks():
     feats, glob, attn = video(1, 35, 8)  # one frame, odd 5x7 grid
     out = FastVID(retain=0.2).run(feats, glob, attn, "llava_onevision")
-    assert out.keep.numel() == int(35 * 0.2) and out.info["segments"] == [(0, 0)]
+    assert out.keep.numel() == int(35 * 0.2) and out.info["segments"] == [(0, 1)]
     feats, glob, attn = video(3, 16, 8)
     # DySeg_c - 1 > T - 1 makes the reference's topk raise: here every transition is cut
     assert dyseg(glob, 8, 0.0) == [(0, 0), (1, 1), (2, 2)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -29,19 +28,19 @@ from tokcompress.policies.vidcom2 import VidCom2, exact_counts, reference_counts
 from tokcompress.policies.visionzip import VisionZip
 from tokcompress.policy import keep_count
 from tokcompress.tiny import FAMILIES
-from tokcompress.tokens import TokenSet, selection
+from tokcompress.tokens import TokenSet
 
-from conftest import batch_inputs, tiny
-from reference import capture_lm_inputs, manual_greedy, row_inputs, same_greedy, wrapped_greedy
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny models are too small for intra-op threads to pay off on a shared machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from conftest import Spy, batch_inputs, tiny
+from reference import (
+    assert_rows_match,
+    capture_lm_inputs,
+    compressed_greedy,
+    manual_greedy,
+    reference_inputs,
+    row_inputs,
+    same_greedy,
+    wrapped_greedy,
+)
 
 
 def _smooth_video(t: int, h: int, w: int, d: int, seed: int, noise: float = 0.05) -> torch.Tensor:
@@ -309,19 +308,14 @@ FULL = {"llava_scissor": {"retain": 1.0}, "sttm": {"retain": 1.0}, "vidcom2": {"
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_matches_manual_reference(family):
     model, _ = tiny(family)
-    inputs = batch_inputs(family, 2)
-    captured = capture_lm_inputs(model, inputs)
+    inputs, captured = reference_inputs(family)
     with torch.no_grad():
         plain = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
     for name, params in POLICIES.items():
-        with tc.compressed(model, name, **params):
-            first, tokens = wrapped_greedy(model, inputs, STEPS)
-            records = tc.last_record(model)
-        for row in range(2):
-            assert records[row].video_tokens_after < records[row].video_tokens_before, name
-            ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, STEPS)
-            torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0, msg=name)
-            assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id), name
+        got = compressed_greedy(model, inputs, STEPS, name, **params)
+        records = got[2]
+        assert len(records) == 2 and all(r.video_tokens_after < r.video_tokens_before for r in records), name
+        assert_rows_match(model, captured, inputs, got, STEPS, note=name)
         if name in ("llava_scissor", "sttm"):  # merging: every grid token went into one output
             video = records[0].videos[0]
             assert bool((video.assign >= 0).all()) and int(video.assign.max()) == video.keep.numel() - 1
@@ -334,18 +328,15 @@ def test_generate_matches_manual_reference(family):
 @pytest.mark.parametrize("family", ["llava_onevision", "video_llava"])
 def test_ts_llava_thumbnail_through_generate(family):
     model, _ = tiny(family)
-    inputs = batch_inputs(family, 2)
-    captured = capture_lm_inputs(model, inputs)
-    with tc.compressed(model, "ts_llava", retain=0.5, thumbnail=True):
-        first, tokens = wrapped_greedy(model, inputs, STEPS)
-        records = tc.last_record(model)
+    inputs, captured = reference_inputs(family)
+    got = compressed_greedy(model, inputs, STEPS, "ts_llava", retain=0.5, thumbnail=True)
+    records = got[2]
+    assert len(records) == 2
+    assert_rows_match(model, captured, inputs, got, STEPS)
     inner = model.model
     frames = inputs["pixel_values_videos"]
     for row in range(2):
         rec = records[row]
-        ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, STEPS)
-        torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0)
-        assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id)
         # the last tokens of the rewritten span are the thumbnail, encoded here by hand
         f = frames[row]
         rows_, cols_ = 3, 2
@@ -397,24 +388,15 @@ def test_visionzip_core_by_hand():
     assert sorted(values) == out.keep.tolist() and out.keep.numel() == t * 7
 
 
-@dataclass
-class _Spy(tc.Policy):
-    """Test-only: keeps everything and records the VisionZip signals it was given."""
-
-    retain: float = 1.0
-    seen: list = field(default_factory=list)
+class VisionZipSpy(Spy):
     needs = frozenset({"vision_saliency", "vision_keys"})
-
-    def compress(self, tokens: TokenSet):
-        self.seen.append(dict(tokens.signals))
-        return selection(tokens.available_index())
 
 
 @pytest.mark.parametrize("family", ["llava_onevision", "llava_next_video", "video_llava"])
 def test_visionzip_signals_equal_eager_attention(family):
     model, _ = tiny(family, "eager")
     inputs = batch_inputs(family, 2, attn="eager")
-    spy = _Spy()
+    spy = VisionZipSpy()
     with tc.compressed(model, spy), torch.no_grad():
         model(**inputs)
     inner = model.model
@@ -444,8 +426,8 @@ def test_visionzip_signals_equal_eager_attention(family):
         grid = F.avg_pool2d(grid, model.config.spatial_pool_stride)
     grid = grid.flatten(2)
     frames = inputs["pixel_values_videos"].shape[1]
-    assert len(spy.seen) == 2
-    for v, signals in enumerate(spy.seen):
+    assert len(spy.signals) == 2
+    for v, signals in enumerate(spy.signals):
         rows = slice(v * frames, (v + 1) * frames)
         torch.testing.assert_close(signals["vision_saliency"], grid[rows, 0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(signals["vision_keys"], grid[rows, 1:].transpose(1, 2), atol=1e-5, rtol=1e-4)
@@ -454,19 +436,15 @@ def test_visionzip_signals_equal_eager_attention(family):
 @pytest.mark.parametrize("family", ["llava_onevision", "llava_next_video", "video_llava"])
 def test_visionzip_through_generate(family):
     model, _ = tiny(family)
-    inputs = batch_inputs(family, 2)
-    captured = capture_lm_inputs(model, inputs)
+    inputs, captured = reference_inputs(family)
     with torch.no_grad():
         plain = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
-    with tc.compressed(model, "visionzip", dominant=3, contextual=2):
-        first, tokens = wrapped_greedy(model, inputs, STEPS)
-        records = tc.last_record(model)
-    for row in range(2):
-        video = records[row].videos[0]
+    got = compressed_greedy(model, inputs, STEPS, "visionzip", dominant=3, contextual=2)
+    assert len(got[2]) == 2
+    for rec in got[2]:
+        video = rec.videos[0]
         assert video.keep.numel() == video.grid[0] * 5
-        ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, STEPS)
-        torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0)
-        assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id)
+    assert_rows_match(model, captured, inputs, got, STEPS)
     with tc.compressed(model, "visionzip", retain=1.0), torch.no_grad():
         assert torch.equal(model.generate(**inputs, max_new_tokens=STEPS, do_sample=False), plain)
 
@@ -575,15 +553,6 @@ def test_benchmark_transcriptions_keep_what_the_policies_keep():
     with_signals = TokenSet(features=feats, grid=(4, 6, 6), signals=signals)
     for r in (0.2, 0.5):
         assert torch.equal(ref.visionzip_reference(with_signals, r), VisionZip(retain=r)(with_signals).keep)
-
-
-def test_frame_slices_for_repeated_videos():
-    from tokcompress.adapters.base import frame_slices
-
-    assert frame_slices([3, 5], 8) == [(0, 3), (3, 8)]
-    assert frame_slices([3, 3, 5, 5], 8) == [(0, 3), (0, 3), (3, 8), (3, 8)]  # two beams each
-    assert frame_slices([3, 5, 3, 5], 8) is None  # not a repeat_interleave pattern
-    assert frame_slices([3, 5], 7) is None
 
 
 @pytest.mark.parametrize("name,params", [("visionzip", {"retain": 0.3}), ("ts_llava", {"retain": 0.5, "thumbnail": True})])

@@ -7,21 +7,17 @@ language model with the kept tokens (tests/reference.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
-
 import numpy as np
 import pytest
 import torch
 
 import tokcompress as tc
-from tokcompress.adapters.base import encoded_offsets
+from tokcompress.adapters.base import encoded_offsets, encoded_offsets_or_none
 from tokcompress.adapters.qwen2_vl import patches_to_frames
 from tokcompress.tiny import FAMILIES
-from tokcompress.tokens import Compression, TokenSet
 
-from conftest import batch_inputs, tiny
-from reference import capture_lm_inputs, manual_greedy, same_greedy, wrapped_greedy
+from conftest import Spy, batch_inputs, tiny
+from reference import assert_rows_match, compressed_greedy, reference_inputs
 from test_policies_evs_divprune import divprune_reference, evs_reference
 
 STEPS = 2
@@ -51,20 +47,29 @@ def test_encoded_offsets_plain_and_beam_repeated():
     assert encoded_offsets(items, batch=4, encoded=9) == [0, 4, 0, 4, 6, 6]
     with pytest.raises(RuntimeError, match="vision tower saw 8"):
         encoded_offsets([(0, 4), (1, 3)], batch=2, encoded=8)
+    # one 3-frame and one 5-frame video per row; two beams each (rows 0,1 and 2,3)
+    assert encoded_offsets_or_none([(0, 3), (1, 5)], 2, 8) == [0, 3]
+    assert encoded_offsets_or_none([(0, 3), (1, 3), (2, 5), (3, 5)], 4, 8) == [0, 0, 3, 3]
+    # one prompt holding both videos, two beams: each copy reads both videos, in prompt order
+    assert encoded_offsets_or_none([(0, 3), (0, 5), (1, 3), (1, 5)], 2, 8) == [0, 3, 0, 3]
+    assert encoded_offsets_or_none([(0, 3), (1, 5), (2, 3), (3, 5)], 4, 8) is None  # copies differ: no repeat
+    assert encoded_offsets_or_none([(0, 3), (1, 5)], 2, 7) is None
 
 
-@dataclass
-class RecordPixels(tc.Policy):
-    """Test-only: keep everything, remember the pixels and grid each video brought."""
+def test_encoded_offsets_per_video_entries():
+    """One unit per video (towers that report one entry per video, e.g. Qwen-VL's grids)."""
+    one = lambda rows: [(r, 1) for r in rows]  # noqa: E731
+    assert encoded_offsets_or_none(one([0, 1]), 2, 2) == [0, 1]
+    # 2 input rows x 3 beams, one video each: LM rows 0-2 show video 0, rows 3-5 video 1
+    assert encoded_offsets_or_none(one(range(6)), 6, 2) == [0, 0, 0, 1, 1, 1]
+    # two videos in row 0, one in row 1, repeated twice
+    assert encoded_offsets_or_none(one([0, 0, 1, 1, 2, 3]), 4, 3) == [0, 1, 0, 1, 2, 2]
+    assert encoded_offsets_or_none(one([0, 1, 2]), 3, 2) is None  # cannot be told apart
+    assert encoded_offsets_or_none([], 1, 0) is None
 
-    retain: float = 1.0
-    seen: list = field(default_factory=list)
 
-    needs: ClassVar[frozenset[str]] = frozenset({"pixels"})
-
-    def compress(self, tokens: TokenSet) -> Compression:
-        self.seen.append((tokens.signals["pixels"], tokens.grid, tokens.frames_per_step))
-        return Compression(keep=tokens.available_index())
+class RecordPixels(Spy):
+    needs = frozenset({"pixels"})
 
 
 def expected_frames(family: str, model, inputs: dict, row: int) -> torch.Tensor:
@@ -98,7 +103,8 @@ def test_every_family_hands_policies_the_processed_frames(family):
     with tc.compressed(model, policy), torch.no_grad():
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
     assert len(policy.seen) == 2
-    for row, (pixels, grid, step) in enumerate(policy.seen):
+    for row, (signals, grid, step) in enumerate(policy.seen):
+        pixels = signals["pixels"]
         want = expected_frames(family, model, inputs, row)
         torch.testing.assert_close(pixels, want, atol=0, rtol=0)
         t, h, w = grid
@@ -115,23 +121,17 @@ def test_beam_rows_get_their_own_prompt_frames(family):
     with tc.compressed(model, policy), torch.no_grad():
         model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
     assert len(policy.seen) == 4
-    for expanded, (pixels, _, _) in enumerate(policy.seen):
-        torch.testing.assert_close(pixels, expected_frames(family, model, inputs, expanded // 2), atol=0, rtol=0)
-
-
-_CAPTURED: dict[str, object] = {}
+    for expanded, signals in enumerate(policy.signals):
+        torch.testing.assert_close(signals["pixels"], expected_frames(family, model, inputs, expanded // 2), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["evs", "evs_pixel", "divprune"])
 def test_generate_matches_manual_reference(family, name):
     model, _ = tiny(family)
-    inputs = batch_inputs(family, 2)  # left-padded, different question lengths
-    if family not in _CAPTURED:  # the unwrapped model's LM inputs, shared by the three policies
-        _CAPTURED[family] = capture_lm_inputs(model, inputs)
-    captured = _CAPTURED[family]
-    with tc.compressed(model, name, retain=0.4):
-        first, tokens = wrapped_greedy(model, inputs, STEPS)
-        records = tc.last_record(model)
+    inputs, captured = reference_inputs(family)  # left-padded, different question lengths
+    got = compressed_greedy(model, inputs, STEPS, name, retain=0.4)
+    records = got[2]
+    assert len(records) == 2
     for row in range(2):
         rec = records[row]
         video = rec.videos[0]
@@ -148,23 +148,16 @@ def test_generate_matches_manual_reference(family, name):
                 assert video.keep.tolist() == evs_reference(feats, 1 - 0.4).nonzero().squeeze(1).tolist()
         assert video.keep.numel() == want
         assert rec.video_tokens_after == want + (rec.video_tokens_before - t * n)
-        ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, STEPS)
-        torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0)
-        assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id)
+    assert_rows_match(model, captured, inputs, got, STEPS)
 
 
 def test_divprune_compacted_positions_match_a_renumbered_reference():
     family = "llava_onevision"
     model, _ = tiny(family)
-    inputs = batch_inputs(family, 2)
-    captured = _CAPTURED.get(family) or capture_lm_inputs(model, inputs)
-    with tc.compressed(model, "divprune", retain=0.3, positions="compacted"):
-        first, tokens = wrapped_greedy(model, inputs, STEPS)
-        records = tc.last_record(model)
-    for row in range(2):
-        ref_first, ref_tokens = manual_greedy(model, captured, inputs["input_ids"], records, row, STEPS, compacted=True)
-        torch.testing.assert_close(first[row], ref_first, atol=1e-5, rtol=0)
-        assert same_greedy(tokens[row], ref_tokens, model.generation_config.eos_token_id)
+    inputs, captured = reference_inputs(family)
+    got = compressed_greedy(model, inputs, STEPS, "divprune", retain=0.3, positions="compacted")
+    assert len(got[2]) == 2
+    assert_rows_match(model, captured, inputs, got, STEPS, compacted=True)
 
 
 def test_families_are_covered():

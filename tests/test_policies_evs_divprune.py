@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -45,6 +45,29 @@ def divprune_reference(x: torch.Tensor, k: int) -> torch.Tensor:
     return s
 
 
+def divprune_margin(x: torch.Tensor, k: int) -> float:
+    """Smallest gap between the best and the runner-up score over the reference's greedy steps.
+
+    Mutual nearest neighbours tie exactly at step 0 in exact arithmetic, so which one wins depends on
+    rounding; like the golden cases, the comparison is only meaningful away from such near-ties.
+    """
+    xn = x / x.norm(dim=1, keepdim=True)
+    dm = 1.0 - xn @ xn.T
+    chosen: list[int] = []
+    gap = float("inf")
+    for i in range(min(k, x.shape[0] - 1)):
+        if i == 0:
+            scores = torch.topk(dm, 2, dim=0, largest=False).values[1, :]
+        else:
+            scores = dm[chosen].min(dim=0).values
+        scores = scores.clone()
+        scores[chosen] = -float("inf")
+        top = torch.topk(scores, 2).values
+        gap = min(gap, float(top[0] - top[1]))
+        chosen.append(int(torch.argmax(scores)))
+    return gap
+
+
 def evs_reference(x: torch.Tensor, q: float) -> torch.Tensor:
     """vLLM ``compute_retention_mask`` as written, on ``(T, h, w, D)`` merged embeddings."""
     t, h, w, _ = x.shape
@@ -73,6 +96,7 @@ def test_divprune_running_min_equals_reference_greedy(t, h, w, d, retain, seed):
     if n < 2:  # the reference's topk(2) needs two tokens
         assert divprune(x, k).tolist() == list(range(k))
         return
+    assume(divprune_margin(x, k) > 1e-9)
     want = divprune_reference(x, k)
     assert torch.equal(divprune(x, k), want)
     # The blockwise path (no N x N matrix) gives the same order.

@@ -8,8 +8,6 @@ layer's own ``qkv`` output and transformers' rotary function, captured with hook
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import ClassVar
 
 import pytest
 import torch
@@ -19,16 +17,14 @@ import tokcompress as tc
 from tokcompress.adapters.vision_signals import (
     attention_rows,
     encoder_layers,
-    encoded_order,
     feature_layer,
     layer_attention_capture,
     mean_query_attention,
     mean_received_attention,
     project_qk,
 )
-from tokcompress.tokens import selection
 
-from conftest import batch_inputs, tiny
+from conftest import Spy, batch_inputs, tiny
 
 
 def _tower(kind: str):
@@ -98,38 +94,18 @@ def test_feature_layer_follows_hidden_states_indexing():
         feature_layer(layers, 5)
 
 
-def test_encoded_order_maps_beam_copies_to_their_video():
-    assert encoded_order([0, 1], 2, 2) == [0, 1]
-    # 2 input rows x 3 beams, one video each: LM rows 0-2 show video 0, rows 3-5 video 1
-    assert encoded_order([0, 1, 2, 3, 4, 5], 6, 2) == [0, 0, 0, 1, 1, 1]
-    # two videos in row 0, one in row 1, repeated twice
-    assert encoded_order([0, 0, 1, 1, 2, 3], 4, 3) == [0, 1, 0, 1, 2, 2]
-    assert encoded_order([0, 1, 2], 3, 2) is None  # cannot be told apart
-
-
-seen_signals: list[dict] = []
-
-
-@dataclass
-class Spy(tc.Policy):
-    """Test-only: keep everything, record the signals the engine delivered."""
-
-    retain: float = 1.0
-    optional_needs: ClassVar[frozenset[str]] = frozenset({"vision_attention", "frame_query_attention"})
-
-    def compress(self, tokens):
-        seen_signals.append({k: v.clone() for k, v in tokens.signals.items()})
-        return selection(tokens.available_index())
+class AttentionSpy(Spy):
+    optional_needs = frozenset({"vision_attention", "frame_query_attention"})
 
 
 def _spy(model, inputs, generate: bool):
-    seen_signals.clear()
-    with tc.compressed(model, Spy()), torch.no_grad():
+    spy = AttentionSpy()
+    with tc.compressed(model, spy), torch.no_grad():
         if generate:
             model.generate(**inputs, max_new_tokens=1, do_sample=False, num_beams=2)
         else:
             model(**inputs)
-    return list(seen_signals)
+    return spy.signals
 
 
 def test_llava_onevision_signals_equal_eager_tower_attention():
@@ -216,3 +192,38 @@ def test_every_family_delivers_attention_signals(family):
         assert got and all({"vision_attention", "frame_query_attention"} <= set(s) for s in got)
         for s in got:
             assert all(torch.isfinite(v).all() and (v >= 0).all() for v in s.values())
+
+
+class SpyAll(Spy):
+    """Also asks for the pixels, VisionZip's signals and a thumbnail where the family has them."""
+
+    optional_needs = frozenset(
+        {"vision_attention", "frame_query_attention", "pixels", "vision_saliency", "vision_keys", "thumbnail4"}
+    )
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl"])
+def test_two_videos_in_one_prompt_under_beams(family):
+    """Beams repeat the prompt's rows, each with BOTH videos: the copies read videos A, B, A, B."""
+    from conftest import two_video_inputs
+    from test_pixels_signal import expected_frames
+
+    model, _ = tiny(family)
+    inputs = two_video_inputs(family)
+    spy = SpyAll()
+    with tc.compressed(model, spy), torch.no_grad():
+        model(**inputs)
+        model.generate(**inputs, max_new_tokens=1, do_sample=False, num_beams=2)
+    plain, beams = spy.signals[:2], spy.signals[2:]
+    assert len(plain) == 2 and len(beams) == 4
+    for video, signals in enumerate(plain):  # the plain forward against the processor's own pixels
+        torch.testing.assert_close(signals["pixels"], expected_frames(family, model, inputs, video), atol=0, rtol=0)
+    assert not torch.equal(plain[0]["vision_attention"][:1], plain[1]["vision_attention"][:1])  # the videos differ
+    names = {"vision_attention", "frame_query_attention", "pixels"}
+    if family == "llava_onevision":
+        names |= {"vision_saliency", "vision_keys", "thumbnail4"}
+    for copy, signals in enumerate(beams):
+        want = plain[copy % 2]
+        assert names <= set(signals)
+        for name in names:
+            torch.testing.assert_close(signals[name], want[name], atol=1e-6, rtol=0)

@@ -62,13 +62,30 @@ def test_cell_edges_and_center_square():
 
 
 # ------------------------------------------------------------------------------------------ segments
-def test_segments_half_open_inclusive_and_windows():
+def test_segments_are_half_open():
     assert viz.segments_of({"segments": [(0, 3), (3, 8)]}, 8) == [(0, 3), (3, 8)]
-    assert viz.segments_of({"segments": [(0, 2), (3, 7)]}, 8) == [(0, 3), (3, 8)]  # FastVID DySeg: inclusive
-    assert viz.segments_of({"windows": [(3, 7), (0, 2)]}, 8) == [(0, 3), (3, 8)]  # HoliTom, any order
+    assert viz.segments_of({"segments": [(3, 8), (0, 3)]}, 8) == [(0, 3), (3, 8)]  # any order
     assert viz.segments_of({"segments": torch.tensor([[0, 8]])}, 8) == [(0, 8)]
-    assert viz.segments_of({"segments": [(0, 0), (1, 1)]}, 2) == [(0, 1), (1, 2)]
+    assert viz.segments_of({"segments": [(0, 1), (1, 2)]}, 2) == [(0, 1), (1, 2)]
     assert viz.segments_of({"frames": [0, 2]}, 8) is None
+
+
+def test_fastvid_and_holitom_segments_are_read():
+    """The two policies that segment the video write ``info["segments"]`` in the convention viz reads."""
+    from tokcompress.policies.fastvid import FastVID, dyseg
+    from tokcompress.policies.holitom import HoliTom
+
+    g = torch.Generator().manual_seed(0)
+    scenes = torch.randn(3, 1, 16, generator=g).repeat_interleave(torch.tensor([3, 2, 3]), dim=0)  # 8 frames, 3 scenes
+    feats = scenes.expand(8, 16, 16) + 0.01 * torch.randn(8, 16, 16, generator=g)
+    glob, attn = feats.mean(1), torch.rand(8, 16, generator=g)
+    out = FastVID(retain=0.3, DySeg_c=3).run(feats, glob, attn, "llava_video")
+    inclusive = dyseg(glob, 3, 0.9)  # (first, last) per segment
+    assert viz.segments_of(out.info, 8) == [(a, b + 1) for a, b in inclusive] == [(0, 3), (3, 5), (5, 8)]
+    res = HoliTom(retain=0.3, max_window_size=3).run(TokenSet(features=feats, grid=(8, 4, 4)))
+    comp = HoliTom(retain=0.3, max_window_size=3).compress(TokenSet(features=feats, grid=(8, 4, 4)))
+    assert viz.segments_of(comp.info, 8) == [(a, b + 1) for a, b in res.windows]
+    assert "windows" not in comp.info
 
 
 def test_segments_that_do_not_partition_warn_and_are_not_drawn():
@@ -192,7 +209,7 @@ def test_png_has_as_many_bright_cells_as_kept_tokens(tmp_path):
 def test_plot_budget_bars_and_segment_boundaries():
     ts = tokens(8, 2, 2)
     comp = Compression(keep=torch.tensor([0, 1, 2, 3, 4, 9, 13, 14, 29]),
-                       info={"segments": [(0, 2), (3, 4), (5, 7)]})  # inclusive -> cuts before steps 3 and 5
+                       info={"segments": [(0, 3), (3, 5), (5, 8)]})  # cuts before steps 3 and 5
     fig = viz.plot_budget(comp, tokens=ts)
     ax = fig.axes[0]
     bars = [p for p in ax.patches if p.get_gid() == "kept-per-step"]

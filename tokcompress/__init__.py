@@ -20,16 +20,22 @@ from .errors import (
     UnsupportedModelError,
     UnsupportedUsageError,
 )
-from .policy import Policy, Sequential
+from .layers import cache_bytes, cache_lengths
+from .policy import DecodePolicy, LayerPolicy, Policy, Sequential
 from .record import RowRecord, VideoRecord
 from .registry import register
-from .tokens import Compression, TokenSet
+from .tokens import Compression, DecodeChoice, DecodeTokens, LayerTokens, TokenSet
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Comparison",
     "Compression",
+    "DecodeChoice",
+    "DecodePolicy",
+    "DecodeTokens",
+    "LayerPolicy",
+    "LayerTokens",
     "MissingSignalError",
     "Policy",
     "PolicyOutputError",
@@ -43,6 +49,8 @@ __all__ = [
     "VideoRecord",
     "available_policies",
     "build_policy",
+    "cache_bytes",
+    "cache_lengths",
     "compare",
     "compressed",
     "is_wrapped",

@@ -5,7 +5,9 @@ records where the video placeholders are; a forward pre-hook on the language mod
 on the projected video tokens, drops the pruned positions from ``inputs_embeds``, ``position_ids``
 (survivors keep their original ids) and the 2-D mask, and remembers the compact layout on the cache
 object. On every later step through that cache it rebuilds the 2-D mask for the physical cache, so
-``generate`` stays exact. No model code is patched; :meth:`Session.close` removes every hook.
+``generate`` stays exact. In-layer and decode-time policies work through pre-hooks on the decoder
+layers and their attention modules, installed here and driven by :class:`~tokcompress.layers.LayerRunner`.
+No model code is patched; :meth:`Session.close` removes every hook.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .adapters.base import Adapter, CallContext, VideoSpan
 from .errors import MissingSignalError, UnsupportedUsageError
-from .policy import Policy, chain_compress
+from .layers import LayerRunner, compact_index
+from .policy import DecodePolicy, LayerPolicy, Policy, chain_compress
 from .record import RowRecord, VideoRecord
-from .tokens import Compression, TokenSet
+from .tokens import Compression, TokenSet, selection
 
 #: Attribute under which a wrapped model carries its session. Removed by ``close``.
 SESSION_ATTR = "_tokcompress_session"
@@ -38,6 +41,7 @@ class CacheState:
     compact_len: int  # physical prompt length in the cache
     prefix_mask: Tensor  # (B, compact_len) 2-D mask of the compact prompt
     prefix_all_ones: bool
+    kv: Any = None  # per-layer layouts of in-layer / decode-time stages (tokcompress.layers.KVState)
     shift: Tensor | None = None  # (B,) tokens removed per row when positions are compacted, else None
 
 
@@ -79,10 +83,11 @@ class Session:
         self.adapter = adapter
         self.policy = policy
         stages = policy.stages()
-        unsupported = [p.name for p in stages if p.stage != "input"]
-        if unsupported:
-            raise ValueError(f"policies {unsupported} act inside the language model, which this engine does not support yet")
         self.input_policies = [p for p in stages if p.stage == "input"]
+        layer_policies = [p for p in stages if isinstance(p, LayerPolicy)]
+        decode_policies = [p for p in stages if isinstance(p, DecodePolicy)]
+        if len(decode_policies) > 1:
+            raise ValueError(f"a chain can hold one decode-time policy; got {[p.label for p in decode_policies]}")
         # positions="compacted" (some policies offer it to match references that renumber the shortened
         # sequence) applies to 1-D positions; M-RoPE families always keep the original ids.
         self.compact_positions = adapter.positions == "1d" and any(
@@ -103,8 +108,19 @@ class Session:
         self.record: list[RowRecord] | None = None
         self._inner_start: float | None = None  # clock stamp of the current prefill call (see RowRecord.clock)
         self._stack = ExitStack()
+        self.runner: LayerRunner | None = None
         try:
             self._install(frozenset(policy.needs) | frozenset(policy.optional_needs))
+            if layer_policies or decode_policies:
+                self.runner = LayerRunner(
+                    adapter.decoder_layers(model),
+                    adapter.self_attention,
+                    self.lm.config,
+                    layer_policies,
+                    decode_policies[0] if decode_policies else None,
+                    adapter.first_prunable_layer(model),
+                    self._register_pre,
+                )
         except BaseException:
             self._stack.close()
             raise
@@ -126,6 +142,10 @@ class Session:
             self._stack.callback(handle.remove)
         setattr(self.model, SESSION_ATTR, self)
         self._stack.callback(delattr, self.model, SESSION_ATTR)
+
+    def _register_pre(self, module: nn.Module, fn: Any) -> None:
+        """Install a forward pre-hook (with kwargs) removed by :meth:`close`; the runner's only way to hook."""
+        self._stack.callback(module.register_forward_pre_hook(fn, with_kwargs=True).remove)
 
     def close(self) -> None:
         """Remove every hook and attribute this session added."""
@@ -197,6 +217,8 @@ class Session:
     # -- hook on the language model ------------------------------------------------------------
     def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         cache = _cache_arg(kwargs)
+        if self.runner is not None:
+            self.runner.reset()
         if cache is not None and cache in self.caches:
             self.call = None
             return args, self._continue(kwargs, cache, self.caches[cache])
@@ -234,9 +256,11 @@ class Session:
         if isinstance(mask, dict) or (mask is not None and mask.dim() != 2):
             raise UnsupportedUsageError("tokcompress needs a 2-D attention mask (or none); got a 4-D or per-layer mask")
         if mask is None:
+            ones = state.prefix_mask.new_ones(state.prefix_mask.shape[0], decoded + q)
+            if self.runner is not None:
+                self.runner.begin_step(cache, state, ones)
             if state.prefix_all_ones:
                 return kwargs
-            ones = state.prefix_mask.new_ones(state.prefix_mask.shape[0], decoded + q)
             return {**kwargs, "attention_mask": torch.cat([state.prefix_mask, ones], dim=1)}
         expected = state.orig_len + decoded + q
         if mask.shape[1] != expected or mask.shape[0] != state.prefix_mask.shape[0]:
@@ -246,6 +270,8 @@ class Session:
                 "calls (multi-turn) or changing the batch mid-generation is not supported."
             )
         new = torch.cat([state.prefix_mask.to(mask.dtype), mask[:, state.orig_len :]], dim=1)
+        if self.runner is not None:
+            self.runner.begin_step(cache, state, mask[:, state.orig_len :])
         return {**kwargs, "attention_mask": new}
 
     def _prefill(self, module: nn.Module, kwargs: dict, cache: Cache | None, call: CallContext) -> dict:
@@ -305,7 +331,7 @@ class Session:
                     span.positions, span.grid, result.keep, result.assign, result.info, seconds, span.frames_per_step
                 )
             )
-        index, slot_valid = _compact_index(keep)
+        index, slot_valid = compact_index(keep)
         compact_len = index.shape[1]
         dropped = compact_len != length or bool((~keep).any())
         gather = index[..., None].expand(-1, -1, dim)
@@ -350,6 +376,9 @@ class Session:
         self.record = self._rows_record(
             video, kept_rows, merged_rows, new_embeds, slot_of, index, slot_valid, new_positions, videos
         )
+        if self.runner is not None:
+            state = self.caches.get(cache) if cache is not None and use_cache else None
+            self.runner.begin_prefill(cache if use_cache else None, state, new_mask, slot_of, videos, self.record)
         return out
 
     def _token_set(self, span: VideoSpan, embeds: Tensor, valid: Tensor, target: Tensor) -> TokenSet:
@@ -371,7 +400,9 @@ class Session:
     def _run_policy(self, tokens: TokenSet, device: torch.device) -> tuple[Compression, float]:
         _sync(device)
         start = time.perf_counter()
-        if len(self.input_policies) == 1:
+        if not self.input_policies:  # only in-layer / decode-time stages: every token enters the LM
+            result = selection(tokens.available_index())
+        elif len(self.input_policies) == 1:
             result = self.input_policies[0](tokens)
         else:
             result = chain_compress(self.input_policies, tokens)
@@ -446,16 +477,3 @@ class Session:
             )
         return records
 
-
-def _compact_index(keep: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row, the kept indices left-padded to a common length.
-
-    Returns ``index`` ``(B, Lk)`` (padding slots point at 0) and ``slot_valid`` ``(B, Lk)``.
-    """
-    counts = keep.sum(1)
-    compact_len = int(counts.max())
-    # Stable sort puts dropped positions first and kept ones after, in order; take the last Lk.
-    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, -compact_len:]
-    slot_valid = torch.arange(compact_len, device=keep.device)[None] >= (compact_len - counts)[:, None]
-    index = torch.where(slot_valid, order, torch.zeros_like(order))
-    return index, slot_valid

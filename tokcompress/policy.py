@@ -13,9 +13,11 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from .tokens import Compression, TokenSet
+from .tokens import Compression, DecodeChoice, DecodeTokens, LayerTokens, TokenSet
 
-#: Where a policy acts. "input": on the language model's input embeddings (before layer 0).
+#: Where a policy acts. "input": on the language model's input embeddings (before layer 0);
+#: "layer": on the hidden states entering a decoder layer during prefill; "decode": on the KV cache
+#: at every decode step.
 STAGES = ("input", "layer", "decode")
 
 
@@ -47,6 +49,27 @@ def round_half_up(x: float) -> int:
 def keep_count(retain: float, n: int) -> int:
     """``retain * n`` rounded half up, at least 1 and at most ``n``: the baselines' budget rule."""
     return max(1, min(n, round_half_up(retain * n)))
+
+
+def check_layer(layer: int | None, name: str = "layer", lowest: int = 1) -> int | None:
+    """Return ``layer`` (None allowed: the scaled default), or raise a ValueError that says what is allowed."""
+    if layer is None:
+        return None
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < lowest:
+        raise ValueError(f"{name} must be None (the scaled reference default) or an int >= {lowest}; got {layer!r}")
+    return layer
+
+
+def scaled_layer(reference: int, reference_depth: int, depth: int, lowest: int = 1) -> int:
+    """Default decoder layer for a language model of ``depth`` layers.
+
+    The reference layer is kept as is at the reference depth; otherwise it is scaled by
+    ``depth / reference_depth``, rounded half up and clamped to ``[lowest, depth - 1]`` (so a 2-layer
+    test model gets layer 1 and HoliTom's layer 18 of 28 becomes 51 of 80).
+    """
+    if depth == reference_depth:
+        return reference
+    return max(lowest, min(depth - 1, round_half_up(reference * depth / reference_depth)))
 
 
 @dataclass
@@ -92,10 +115,80 @@ class Policy:
 
 
 @dataclass
-class Sequential(Policy):
-    """Apply several input-stage policies one after another; each sees the survivors of the last.
+class LayerPolicy(Policy):
+    """Base class of in-layer (prefill) policies: they act on the hidden states entering layer ``K``.
 
-    ``retain`` is derived: the product of the children's. Children are never mutated.
+    The engine computes the attention of layer ``K - 1`` for the query rows named by ``queries`` and
+    hands the row's visual tokens to :meth:`select` as a :class:`~tokcompress.tokens.LayerTokens`;
+    layers ``>= K`` then run on the survivors (original positions kept) and cache only them.
+    """
+
+    stage: ClassVar[str] = "layer"
+    #: Query rows whose layer ``K - 1`` attention the policy reads: ``"last"`` (the row's last prompt
+    #: token) or ``"after_video"`` (every token after the row's last video token).
+    queries: ClassVar[str] = "last"
+    #: True when the caches of layers ``< K`` are cut to the survivors as well (PruneVid).
+    prune_earlier: ClassVar[bool] = False
+
+    def resolve_layer(self, depth: int) -> int:
+        """``K`` for a language model of ``depth`` decoder layers (``1 <= K < depth``)."""
+        raise NotImplementedError
+
+    def layer_explicit(self) -> bool:
+        """True when the user chose the layer (a scaled default may be moved past Qwen3-VL's deepstack layers)."""
+        return getattr(self, "layer", None) is not None
+
+    def select(self, tokens: LayerTokens) -> Compression:
+        """Choose (and optionally merge) visual tokens; ``keep`` indexes ``tokens``' rows."""
+        raise NotImplementedError
+
+    def compress(self, tokens: TokenSet) -> Compression:
+        raise TypeError(
+            f"policy {self.name!r} acts inside the language model; wrap a model with it (tokcompress.wrap) "
+            "instead of calling it on input tokens"
+        )
+
+
+@dataclass
+class DecodePolicy(Policy):
+    """Base class of decode-time policies: at every decode step they choose which visual cache
+    entries layers ``>= L`` read, from the current token's attention at layer ``L - 1``.
+
+    :meth:`step` is pure: what it must remember between steps goes into ``DecodeChoice.memory`` and
+    comes back as ``memory`` at the next step of the same row and generation.
+    """
+
+    stage: ClassVar[str] = "decode"
+
+    def resolve_layer(self, depth: int) -> int:
+        """``L`` for a language model of ``depth`` decoder layers (``1 <= L < depth``)."""
+        raise NotImplementedError
+
+    def layer_explicit(self) -> bool:
+        return getattr(self, "layer", None) is not None
+
+    @property
+    def evicts(self) -> bool:
+        """True when pruned entries are removed from the cache for good (frees memory)."""
+        return False
+
+    def step(self, tokens: DecodeTokens, memory: object) -> DecodeChoice:
+        raise NotImplementedError
+
+    def compress(self, tokens: TokenSet) -> Compression:
+        raise TypeError(
+            f"policy {self.name!r} acts on the KV cache during decoding; wrap a model with it (tokcompress.wrap) "
+            "instead of calling it on input tokens"
+        )
+
+
+@dataclass
+class Sequential(Policy):
+    """Apply several policies in order. Input-stage ones run one after another, each on the
+    survivors of the last; in-layer and decode-time ones (listed by :meth:`stages`) then act inside
+    the language model on what the input stages kept.
+
+    ``retain`` is derived: the product of the input-stage children's. Children are never mutated.
     """
 
     policies: Sequence[Policy] = field(default_factory=tuple)

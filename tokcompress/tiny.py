@@ -291,16 +291,21 @@ def _resolve_sizes(family: str, overrides: dict[str, Any]) -> _Sizes:
     return sizes
 
 
-def _text_kwargs(s: _Sizes, vocab_size: int) -> dict[str, Any]:
-    """Decoder kwargs common to the Llama/Qwen2-style language models."""
+def _text_kwargs(s: _Sizes, tok: Any, *, bos: bool = True, **extra: Any) -> dict[str, Any]:
+    """Decoder kwargs common to the Llama/Qwen2-style language models, with ``tok``'s vocabulary and
+    special token ids (``bos=False``: no BOS token, as the Qwen-style models)."""
     return dict(
-        vocab_size=vocab_size,
+        vocab_size=_lm_vocab_size(tok),
         hidden_size=s.hidden_size,
         intermediate_size=s.intermediate_size,
         num_hidden_layers=s.num_hidden_layers,
         num_attention_heads=s.num_attention_heads,
         num_key_value_heads=s.num_key_value_heads,
         max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id if bos else None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **extra,
     )
 
 
@@ -352,12 +357,7 @@ def _llava_onevision(s: _Sizes) -> tuple[Any, Any]:
     )
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(**_clip_like_vision(s), vision_use_head=False),
-        text_config=Qwen2Config(
-            **_text_kwargs(s, _lm_vocab_size(tok)),
-            bos_token_id=None,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
+        text_config=Qwen2Config(**_text_kwargs(s, tok, bos=False)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         video_token_index=tok.convert_tokens_to_ids("<video>"),
         vision_feature_select_strategy="full",
@@ -396,12 +396,7 @@ def _llava_next_video(s: _Sizes) -> tuple[Any, Any]:
     )
     config = LlavaNextVideoConfig(
         vision_config=CLIPVisionConfig(**_clip_like_vision(s), projection_dim=s.vision_hidden_size),
-        text_config=LlamaConfig(
-            **_text_kwargs(s, _lm_vocab_size(tok)),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
+        text_config=LlamaConfig(**_text_kwargs(s, tok)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         video_token_index=tok.convert_tokens_to_ids("<video>"),
         vision_feature_select_strategy="default",
@@ -442,12 +437,7 @@ def _video_llava(s: _Sizes) -> tuple[Any, Any]:
     per_frame = (side // s.patch_size) ** 2 + 1
     config = VideoLlavaConfig(
         vision_config=CLIPVisionConfig(**_clip_like_vision(s), projection_dim=s.vision_hidden_size),
-        text_config=LlamaConfig(
-            **_text_kwargs(s, _lm_vocab_size(tok)),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
+        text_config=LlamaConfig(**_text_kwargs(s, tok)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         video_token_index=tok.convert_tokens_to_ids("<video>"),
         vision_feature_select_strategy="default",
@@ -501,6 +491,15 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
+def _mrope_parameters(s: _Sizes, *, interleaved: bool = False) -> dict[str, Any]:
+    """``rope_parameters`` of the Qwen-VL language models (Qwen3-VL interleaves the sections)."""
+    out: dict[str, Any] = {"rope_type": "default", "mrope_section": _mrope_section(s.hidden_size // s.num_attention_heads)}
+    if interleaved:
+        out["mrope_interleaved"] = True
+    out["rope_theta"] = 10000.0
+    return out
+
+
 def _qwen2_vl(s: _Sizes) -> tuple[Any, Any]:
     from transformers import Qwen2VLConfig, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
@@ -509,14 +508,7 @@ def _qwen2_vl(s: _Sizes) -> tuple[Any, Any]:
     processor = Qwen2VLProcessor(
         image_processor=image_processor, tokenizer=tok, video_processor=video_processor, chat_template=_QWEN2_VL_TEMPLATE
     )
-    head_dim = s.hidden_size // s.num_attention_heads
-    text = _text_kwargs(s, _lm_vocab_size(tok))
-    text.update(
-        rope_parameters={"rope_type": "default", "mrope_section": _mrope_section(head_dim), "rope_theta": 10000.0},
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    text = _text_kwargs(s, tok, bos=False, rope_parameters=_mrope_parameters(s))
     config = Qwen2VLConfig(
         text_config=text,
         vision_config=dict(
@@ -551,14 +543,7 @@ def _qwen2_5_vl(s: _Sizes) -> tuple[Any, Any]:
     processor = Qwen2_5_VLProcessor(
         image_processor=image_processor, tokenizer=tok, video_processor=video_processor, chat_template=_QWEN2_VL_TEMPLATE
     )
-    head_dim = s.hidden_size // s.num_attention_heads
-    text = _text_kwargs(s, _lm_vocab_size(tok))
-    text.update(
-        rope_parameters={"rope_type": "default", "mrope_section": _mrope_section(head_dim), "rope_theta": 10000.0},
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    text = _text_kwargs(s, tok, bos=False, rope_parameters=_mrope_parameters(s))
     depth = s.vision_num_hidden_layers
     config = Qwen2_5_VLConfig(
         text_config=text,
@@ -602,19 +587,7 @@ def _qwen3_vl(s: _Sizes) -> tuple[Any, Any]:
         image_processor=image_processor, tokenizer=tok, video_processor=video_processor, chat_template=_QWEN3_VL_TEMPLATE
     )
     head_dim = s.hidden_size // s.num_attention_heads
-    text = _text_kwargs(s, _lm_vocab_size(tok))
-    text.update(
-        head_dim=head_dim,
-        rope_parameters={
-            "rope_type": "default",
-            "mrope_section": _mrope_section(head_dim),
-            "mrope_interleaved": True,
-            "rope_theta": 10000.0,
-        },
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    text = _text_kwargs(s, tok, bos=False, head_dim=head_dim, rope_parameters=_mrope_parameters(s, interleaved=True))
     depth = s.vision_num_hidden_layers
     grid = s.image_size // s.patch_size
     config = Qwen3VLConfig(
@@ -681,12 +654,7 @@ def _internvl(s: _Sizes) -> tuple[Any, Any]:
             image_size=[side, side],
             patch_size=[s.patch_size, s.patch_size],
         ),
-        text_config=Qwen2Config(
-            **_text_kwargs(s, _lm_vocab_size(tok)),
-            bos_token_id=None,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
+        text_config=Qwen2Config(**_text_kwargs(s, tok, bos=False)),
         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
         image_seq_length=seq,
         downsample_ratio=0.5,
@@ -741,12 +709,7 @@ def _smolvlm(s: _Sizes) -> tuple[Any, Any]:
     )
     config = SmolVLMConfig(
         vision_config=dict(**_clip_like_vision(s)),
-        text_config=LlamaConfig(
-            **_text_kwargs(s, _lm_vocab_size(tok)),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
+        text_config=LlamaConfig(**_text_kwargs(s, tok)),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         scale_factor=2,
         pad_token_id=tok.pad_token_id,

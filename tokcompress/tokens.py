@@ -117,7 +117,8 @@ class Compression:
             kept tokens keep their own embeddings (selection).
         assign: ``(T * n,)`` int64, for each input token the output slot (index into ``keep``) it went
             into, ``-1`` when it was dropped; ``None`` for plain selection.
-        info: policy diagnostics for people and plots, e.g. ``{"segments": [(0, 5), (5, 12)]}``.
+        info: policy diagnostics for people and plots, e.g. ``{"segments": [(0, 5), (5, 12)]}``
+            (temporal segments are half-open ``(start, end)`` grid-step ranges; ``tokcompress.viz`` draws them).
     """
 
     keep: Tensor
@@ -150,3 +151,97 @@ class Compression:
 def selection(keep: Tensor, info: dict[str, Any] | None = None) -> Compression:
     """A compression that keeps ``keep`` unchanged (indices are sorted here)."""
     return Compression(keep=torch.sort(keep.long()).values, info=info or {})
+
+
+@dataclass
+class LayerTokens:
+    """The visual tokens of one batch row at the input of decoder layer ``K`` (in-layer policies).
+
+    Only the tokens that survived the earlier stages are present, in sequence order. The engine
+    computes ``attention`` from layer ``K - 1``'s own query/key projections for the few query rows
+    the policy asks for (no ``L x L`` matrix, any attention backend).
+
+    Attributes:
+        hidden: ``(N, D)`` hidden states entering layer ``K`` (the output of layer ``K - 1``).
+        attention: ``(H, Q, N)`` float32 softmax attention of layer ``K - 1``, per head, from the ``Q``
+            query rows the policy asked for to these tokens; each row was normalised over the whole
+            sequence, so a row restricted to the visual columns sums to less than 1.
+        positions: ``(N,)`` int64 indices into the original LM input of each token (its position id).
+        video: ``(N,)`` int64 index of the video (within the row) each token comes from.
+        frame: ``(N,)`` int64 temporal grid index of each token within its video.
+        group: ``(N,)`` int64 group labels set by the input stage (an input policy returns them as
+            ``Compression.info["token_groups"]``, one per kept token; PruneVid's static/dynamic groups),
+            or ``None`` when the input stage defined none.
+        layer: ``K``.
+    """
+
+    hidden: Tensor
+    attention: Tensor
+    positions: Tensor
+    video: Tensor
+    frame: Tensor
+    group: Tensor | None = None
+    layer: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden.shape[0]
+
+
+@dataclass
+class DecodeTokens:
+    """The visual cache entries of one batch row at one decode step (decode-time policies).
+
+    Attributes:
+        attention: ``(H, N)`` float32 softmax attention of the current token at layer ``L - 1``, per
+            head, over this row's visual cache entries (normalised over the whole cache, current
+            token included).
+        available: ``(N,)`` bool, entries still held by the cache of the layers the policy prunes
+            (all True unless an earlier step evicted some).
+        positions: ``(N,)`` int64 original positions of the entries.
+        step: 0-based decode step.
+    """
+
+    attention: Tensor
+    available: Tensor
+    positions: Tensor
+    step: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.attention.shape[-1]
+
+
+@dataclass
+class DecodeChoice:
+    """What a decode-time policy decided for one row at one step.
+
+    Attributes:
+        keep: ``(M,)`` sorted int64 indices into the step's entries that layers ``>= L`` read, or
+            ``None`` when this step prunes nothing (layers ``>= L`` read every available entry).
+        memory: state handed back to the policy at the next step of the same row and generation.
+        info: diagnostics for the record (e.g. ``{"similarity": 0.93}``).
+    """
+
+    keep: Tensor | None
+    memory: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def check_layer_result(result: Compression, tokens: LayerTokens, policy: str) -> None:
+    """Raise :class:`PolicyOutputError` unless ``result`` is a valid selection of ``tokens``.
+
+    In-layer policies may keep no token of a row (a reference budget that rounds to 0).
+    """
+    keep = result.keep
+    where = f"policy {policy!r} returned"
+    if keep.dim() != 1 or keep.dtype != torch.long:
+        raise PolicyOutputError(f"{where} keep of dtype {keep.dtype} and shape {tuple(keep.shape)}; expected (M,) int64")
+    if keep.numel() > 1 and not bool((keep[1:] > keep[:-1]).all()):
+        raise PolicyOutputError(f"{where} keep indices that are not sorted and unique")
+    if keep.numel() and (int(keep[0]) < 0 or int(keep[-1]) >= tokens.num_tokens):
+        raise PolicyOutputError(f"{where} keep indices outside [0, {tokens.num_tokens})")
+    if result.values is not None and tuple(result.values.shape) != (keep.numel(), tokens.hidden.shape[-1]):
+        raise PolicyOutputError(
+            f"{where} values of shape {tuple(result.values.shape)}; expected ({keep.numel()}, {tokens.hidden.shape[-1]})"
+        )

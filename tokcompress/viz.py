@@ -20,8 +20,9 @@ How token cells map onto pixels (:func:`step_frames`, :func:`cell_edges`):
 
 In the pictures, dropped tokens are dimmed; kept tokens keep their pixels and get a thin outline;
 tokens merged into one output token share one tint (one colour per merged group, the group's carrier
-outlined). Per-step kept counts are bars; segment boundaries (``info["segments"]``, or HoliTom's
-``info["windows"]``) are vertical lines on the bar chart and colour the panel borders.
+outlined). Per-step kept counts are bars; segment boundaries (``info["segments"]``, half-open
+``(start, end)`` grid-step ranges, as FastVID and HoliTom write them) are vertical lines on the bar
+chart and colour the panel borders.
 
 Needs matplotlib (``pip install tokcompress[viz]``). Functions return figures; ``path=`` saves a PNG.
 """
@@ -61,8 +62,6 @@ __all__ = [
     "step_frames",
 ]
 
-#: Diagnostics keys that hold temporal segments, in the order they are looked up.
-SEGMENT_KEYS = ("segments", "windows")
 #: Outline colour of kept tokens and colours of alternating segments.
 KEPT_EDGE = "#ffffff"
 SEGMENT_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -228,33 +227,25 @@ def kept(
 def segments_of(info: Mapping[str, Any], num_steps: int) -> list[tuple[int, int]] | None:
     """Half-open grid-step segments from a policy's diagnostics, or ``None`` when it made none.
 
-    Looks for ``info["segments"]`` then ``info["windows"]`` (HoliTom). Policies write segments either
-    half-open (``(0, 5), (5, 12)``) or inclusive (``(0, 4), (5, 11)``, FastVID's DySeg and HoliTom);
-    both are read, told apart because segments partition ``range(num_steps)``. Anything that does not
-    partition the steps is reported with a warning and not drawn.
+    ``info["segments"]`` holds half-open ``(start, end)`` ranges (``(0, 5), (5, 12)``), in any order.
+    Anything that does not partition ``range(num_steps)`` into non-empty ranges is reported with a
+    warning and not drawn.
     """
-    for key in SEGMENT_KEYS:
-        raw = info.get(key)
-        if raw is not None:
-            break
-    else:
+    raw = info.get("segments")
+    if raw is None:
         return None
     try:
         pairs = sorted((int(a), int(b)) for a, b in (raw.tolist() if hasattr(raw, "tolist") else raw))
     except (TypeError, ValueError):
-        warnings.warn(f"info[{key!r}] is not a list of (start, end) pairs; segments not drawn", stacklevel=2)
+        warnings.warn("info['segments'] is not a list of (start, end) pairs; segments not drawn", stacklevel=2)
         return None
     if not pairs:
         return None
-    starts_ok = pairs[0][0] == 0
-    if starts_ok and pairs[-1][1] == num_steps and all(p[1] == q[0] for p, q in zip(pairs, pairs[1:])):
-        if all(b > a for a, b in pairs):
-            return pairs
-    if starts_ok and pairs[-1][1] == num_steps - 1 and all(p[1] + 1 == q[0] for p, q in zip(pairs, pairs[1:])):
-        if all(b >= a for a, b in pairs):
-            return [(a, b + 1) for a, b in pairs]
+    contiguous = all(p[1] == q[0] for p, q in zip(pairs, pairs[1:]))
+    if pairs[0][0] == 0 and pairs[-1][1] == num_steps and contiguous and all(a < b for a, b in pairs):
+        return pairs
     warnings.warn(
-        f"info[{key!r}] = {pairs} does not partition the {num_steps} grid steps (half-open or inclusive); "
+        f"info['segments'] = {pairs} does not partition the {num_steps} grid steps into half-open ranges; "
         "segments not drawn",
         stacklevel=2,
     )

@@ -2,11 +2,15 @@
 
 from .baselines import Frames, KeepAll, Pool, RandomKeep, Uniform
 from .divprune import DivPrune
+from .dycoke import DyCoke, DyCokeKV, DyCokeTTM
 from .evs import EVS
 from .evs_pixel import EVSPixel
+from .fastv import FastV
 from .fastvid import FastVID
 from .holitom import HoliTom
+from .holitom_inner import HoliTomInner
 from .llava_scissor import LlavaScissor
+from .prunevid import PruneVid, PruneVidInner, PruneVidOuter
 from .sttm import STTM
 from .ts_llava import TSLLaVA
 from .vidcom2 import VidCom2
@@ -14,14 +18,22 @@ from .visionzip import VisionZip
 
 __all__ = [
     "DivPrune",
+    "DyCoke",
+    "DyCokeKV",
+    "DyCokeTTM",
     "EVS",
     "EVSPixel",
+    "FastV",
     "FastVID",
     "Frames",
     "HoliTom",
+    "HoliTomInner",
     "KeepAll",
     "LlavaScissor",
     "Pool",
+    "PruneVid",
+    "PruneVidInner",
+    "PruneVidOuter",
     "RandomKeep",
     "STTM",
     "TSLLaVA",

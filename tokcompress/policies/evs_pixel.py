@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import MissingSignalError
-from ..policy import Policy
 from ..registry import register
 from ..tokens import Compression, TokenSet
-from .evs import evs_count, evs_keep
+from .evs import EVS, evs_count, evs_keep
 
 #: Frames differenced at once (bounds the float32 temporaries to a few frames).
 FRAME_CHUNK = 16
@@ -82,7 +81,7 @@ def pixel_dissimilarity(pixels: Tensor, grid: tuple[int, int, int], frames_per_s
 
 @register("evs_pixel")
 @dataclass
-class EVSPixel(Policy):
+class EVSPixel(EVS):
     """EVS with the paper's pixel-space score: keep the patches that changed most between frames.
 
     ``retain`` maps to ``q = 1 - retain`` and the budget is the same as ``evs``:
@@ -92,21 +91,14 @@ class EVSPixel(Policy):
     even where many patches tie (a perfectly static background). ``info["threshold"]`` is the
     cut-off that resulted: the smallest score kept outside frame 0 (``None`` if only frame 0 is kept).
 
-    Needs the ``"pixels"`` signal (LLaVA-OneVision and Qwen-VL adapters provide it); the features
+    Needs the ``"pixels"`` signal (every adapter provides it); the features
     are not read. For Qwen-VL a token spans ``frames_per_step = 2`` frames, so its score averages
     the changes over both. Needs the full grid, so it must come first in a chain.
 
     Shapes: ``signals["pixels"]`` ``(T * frames_per_step, C, H, W)`` -> ``keep`` ``(K,)``.
     """
 
-    retain: float = 0.25
-
     needs = frozenset({"pixels"})
-    accepts_partial = False
-
-    @property
-    def q(self) -> float:
-        return 1 - self.retain
 
     def compress(self, tokens: TokenSet) -> Compression:
         tokens.require_full(self.name)

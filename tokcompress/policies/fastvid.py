@@ -510,7 +510,8 @@ class FastVID(Policy):
         """FastVID on explicit signals: ``features`` ``(T, n, D)``, ``frame_global`` ``(T, Dg)``,
         ``frame_attn`` ``(T, n)``, ``preset`` one of the reference versions (not ``"auto"``).
 
-        Returns the :class:`Compression`; ``info["segments"]`` holds the DySeg segments (inclusive).
+        Returns the :class:`Compression`; ``info["segments"]`` holds the DySeg segments as half-open
+        ``(start, end)`` frame ranges (the convention of ``Compression.info``; :func:`dyseg` is inclusive).
         """
         if preset not in DEFAULT_TAU:
             raise ValueError(f"preset must be one of {tuple(DEFAULT_TAU)}; got {preset!r}")
@@ -521,7 +522,7 @@ class FastVID(Policy):
         else:
             unit_g = _unit(frame_global.float())
             out = _per_segment(feats, frame_attn.float(), unit_g, segs, self, qwen=preset == "qwen2_5_vl")
-        return out.compression(features.dtype, {"segments": segs, "preset": preset})
+        return out.compression(features.dtype, {"segments": [(s, e + 1) for s, e in segs], "preset": preset})
 
 
 __all__ = ["FastVID", "dyseg", "pool_to_grid", "siglip_head_weights", "siglip_pooling_head"]

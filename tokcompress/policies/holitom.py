@@ -48,6 +48,7 @@ from ..cluster import cluster_sums, dpc_knn, nearest_center
 from ..policy import Policy, check_positions
 from ..registry import register
 from ..tokens import Compression, TokenSet
+from .holitom_inner import HoliTomInner
 from .signals import feature_saliency, warn_once
 
 #: Output token kinds (as in the golden cases).
@@ -375,8 +376,11 @@ class HoliTom(Policy):
         positions: ``"kept"`` (default: every output token takes its carrier's original position id) or
             ``"compacted"`` (the shortened sequence renumbered consecutively, as the reference does; 1-D
             positions only). Either way the tokens are in carrier order (see the module docstring).
-        inner: optional in-LLM stage (HoliTom's step 4, ``HOLITOM_k``/``HOLITOM_r``: a ``stage="layer"``
-            policy) chained after this one; :meth:`stages` lists it, the engine runs it inside the LM.
+        inner: HoliTom's in-LLM merge (step 4, ``HOLITOM_k``/``HOLITOM_r``) chained after this part:
+            ``True`` for :class:`~tokcompress.policies.holitom_inner.HoliTomInner` with the reference
+            defaults (``HOLITOM_r = 0.5``; ``HOLITOM_k = 18`` of 28 layers, scaled to the depth), or any
+            ``stage="layer"`` policy object (e.g. ``HoliTomInner(retain=0.5, layer=18)``); ``None``/``False``
+            for none ("HoliTom w/o M"). :meth:`stages` lists it, the engine runs it inside the LM.
         preset: ``"auto"`` (from ``TokenSet.layout``), ``"llava_onevision"``, ``"llava_video"`` or
             ``"generic"``: only sets the default ``tau`` (OneVision 0.65 at ``retain <= 0.10``, else 0.80;
             LLaVA-Video and generic 0.80). HF's LLaVA-Video checkpoints load as LLaVA-OneVision, so
@@ -396,7 +400,7 @@ class HoliTom(Policy):
     no_beta: bool = False
     preset: str = "auto"
     positions: str = "kept"
-    inner: Policy | None = None
+    inner: Policy | bool | None = None
 
     optional_needs: ClassVar[frozenset[str]] = frozenset({"vision_attention"})
     accepts_partial = False
@@ -416,6 +420,10 @@ class HoliTom(Policy):
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}; got {self.preset!r}")
         check_positions(self.positions)
+        if self.inner is True:
+            self.inner = HoliTomInner()
+        elif self.inner is False:
+            self.inner = None
         if self.inner is not None:
             if not isinstance(self.inner, Policy):
                 raise TypeError(f"inner must be a Policy (HoliTom's in-LLM stage); got {type(self.inner).__name__}")
@@ -441,7 +449,8 @@ class HoliTom(Policy):
 
     @property
     def label(self) -> str:
-        return f"{self.name}(retain={self.retain:g}, tau={self.tau if self.tau is not None else 'preset'}, d={self.d:g})"
+        outer = f"{self.name}(retain={self.retain:g}, tau={self.tau if self.tau is not None else 'preset'}, d={self.d:g})"
+        return outer if self.inner is None else f"{outer} -> {self.inner.label}"
 
     def attention(self, tokens: TokenSet) -> Tensor:
         attn = tokens.signals.get("vision_attention")
@@ -473,7 +482,7 @@ class HoliTom(Policy):
     def compress(self, tokens: TokenSet) -> Compression:
         res = self.run(tokens)
         info = {
-            "windows": res.windows,
+            "segments": [(s, e + 1) for s, e in res.windows],  # half-open, as Compression.info segments are
             "total_reduced": res.total_reduced,
             "retain_ratio": res.retain_ratio,
             "kinds": torch.bincount(res.kind, minlength=3).tolist(),

@@ -15,7 +15,7 @@ Per frame of ``n`` tokens, with ``a`` the attention signal and ``k`` the keys av
 4. contextual token ``j`` = ``x[target_j] + mean(x[members of j])`` (the target plus the mean of its
    members, not an average including it; a target without members stays as it is).
 
-Signals (``"vision_saliency"``, ``"vision_keys"``, from ``adapters/visionzip_signals.py``): on CLIP
+Signals (``"vision_saliency"``, ``"vision_keys"``, from ``adapters/vision_signals.py``): on CLIP
 towers with a CLS token (Video-LLaVA, LLaVA-NeXT-Video) ``a`` is the CLS row of the feature layer
 summed over heads, as in the reference; the CLS token itself is a special token the engine always
 keeps (the reference's "CLS counts as a dominant token"). On SigLIP towers (LLaVA-OneVision) ``a`` is the
