@@ -181,6 +181,19 @@ class BareLM:
         self.seconds.setdefault(length, []).extend(timing.seconds)
 
 
+def _layer_stages(record: Any) -> list[dict[str, Any]]:
+    """In-layer stages of the prefill (summed over rows): where they act and how many visual tokens survive."""
+    stages: dict[str, dict[str, Any]] = {}
+    for row in record or []:
+        for label, stage in row.stages.items():
+            if not isinstance(stage, dict) or "steps" in stage or "visual_after" not in stage:
+                continue
+            entry = stages.setdefault(label, {"label": label, "layer": int(stage["layer"]), "before": 0, "after": 0})
+            entry["before"] += int(stage["visual_before"])
+            entry["after"] += int(stage["visual_after"])
+    return sorted(stages.values(), key=lambda s: s["layer"])
+
+
 def _profile(model: Any, inputs: dict[str, Any], args: argparse.Namespace, bare: BareLM | None) -> dict[str, Any]:
     """One row's untimed facts: memory, KV bytes, kept tokens, per-layer lengths, FLOPs."""
     import tokcompress as tc
@@ -208,6 +221,7 @@ def _profile(model: Any, inputs: dict[str, Any], args: argparse.Namespace, bare:
         flops=flops,
         video_tokens_before=sum(r.video_tokens_before for r in record) if record else None,
         video_tokens_after=sum(r.video_tokens_after for r in record) if record else None,
+        layer_stages=_layer_stages(record),
     )
     if bare is not None and len(set(lengths)) == 1:  # in-layer policies change the length mid-model: no reference
         out["bare_length"] = lengths[0]
@@ -349,7 +363,9 @@ def derive(runs: list[dict[str, Any]]) -> None:
         if full_bare and r.get("bare_lm_s") is not None:
             r["bare_ratio"] = r["bare_lm_s"] / full_bare
         if r.get("video_tokens_before"):
-            r["retained_fraction"] = r["video_tokens_after"] / r["video_tokens_before"]
+            # after the last in-layer stage, if any: the share of video tokens the deepest layers see
+            after = r["layer_stages"][-1]["after"] if r.get("layer_stages") else r["video_tokens_after"]
+            r["retained_fraction"] = after / r["video_tokens_before"]
         if r["policy"] not in ("unwrapped", "none") and math.isclose(r["retain"], GOAL_RETAIN) and "gap" in r:
             r["meets_goal"] = r["gap"] <= GOAL_GAP
 
@@ -414,6 +430,8 @@ def markdown(result: dict[str, Any]) -> str:
         tokens = (
             "–" if r.get("video_tokens_before") is None else f"{r['video_tokens_after']}/{r['video_tokens_before']}"
         )
+        for stage in r.get("layer_stages") or []:
+            tokens += f", {stage['after']} from layer {stage['layer']}"
         gap = _x(r.get("gap"))
         if "meets_goal" in r:
             gap += " ✓" if r["meets_goal"] else " ✗"

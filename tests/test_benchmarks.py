@@ -53,7 +53,7 @@ def ttft_run(tmp_path_factory, monkeypatch_module):
     # an unreachable goal at this retain, so --profile has a row to profile
     monkeypatch_module.setattr(ttft, "GOAL_RETAIN", 0.5)
     monkeypatch_module.setattr(ttft, "GOAL_GAP", 0.0)
-    argv = ["--frames", "2", "--policies", "uniform,none,pool", "--retain", "0.5", "--repeats", "1", "--warmup", "0",
+    argv = ["--frames", "2", "--policies", "uniform,none,pool,fastv", "--retain", "0.5", "--repeats", "1", "--warmup", "0",
             "--profile", "--out", str(out), "--tag", "default-cpu"]  # fmt: skip
     result = ttft.run(argv)
     return result, out
@@ -69,7 +69,7 @@ def monkeypatch_module():
 def test_ttft_benchmark_rows_ratios_and_files(ttft_run):
     result, out = ttft_run
     runs = {(r["policy"], r["retain"]): r for r in result["runs"]}
-    assert list(runs) == [("unwrapped", 1.0), ("none", 1.0), ("pool", 0.5), ("uniform", 0.5)]
+    assert list(runs) == [("unwrapped", 1.0), ("none", 1.0), ("fastv", 0.5), ("pool", 0.5), ("uniform", 0.5)]
     assert "bad parameters for policy 'pool'" in runs[("pool", 0.5)]["error"]
     prompt = result["config"]["prompt_length"]
     # 2 frames x 196 tokens + 1 newline; uniform keeps round(0.5 * 196) = 98 tokens of each frame
@@ -79,6 +79,13 @@ def test_ttft_benchmark_rows_ratios_and_files(ttft_run):
     assert uniform["layer_lengths"] == [prompt - 2 * 98] * 8
     assert none["layer_lengths"] == base["layer_lengths"] == [prompt] * 8
     assert none["flops_ratio"] == 1.0 and 0.4 < uniform["flops_ratio"] < 0.6
+    # an in-layer policy: every token enters the LM, the layers from its stage on see fewer
+    fastv = runs[("fastv", 0.5)]
+    (stage,) = fastv["layer_stages"]
+    k, removed = stage["layer"], stage["before"] - stage["after"]
+    assert fastv["video_tokens_after"] == fastv["video_tokens_before"] and removed > 0
+    assert fastv["layer_lengths"] == [prompt] * k + [prompt - removed] * (8 - k)
+    assert "bare_lm_s" not in fastv and fastv["retained_fraction"] == stage["after"] / fastv["video_tokens_before"]
     assert uniform["kv_cache_bytes"] < none["kv_cache_bytes"] == base["kv_cache_bytes"]
     assert uniform["peak_memory_bytes"] > 0
     assert set(uniform["parts"]) == {"vision", "embed", "policy", "engine", "prefill"} and base["parts"] == {}
@@ -88,9 +95,10 @@ def test_ttft_benchmark_rows_ratios_and_files(ttft_run):
     assert result["machine"]["cpu"] and result["versions"]["torch"]
     assert "max_new_tokens=1" in result["what_was_timed"]
     saved = json.loads((out / "ttft-default-cpu.json").read_text())
-    assert saved["runs"][3]["policy"] == "uniform"
+    assert saved["runs"][4]["policy"] == "uniform"
     table = (out / "ttft-default-cpu.md").read_text()
     assert "| uniform | 0.5 | 197/393 |" in table and "error: TypeError" in table
+    assert f"| fastv | 0.5 | 393/393, {stage['after']} from layer {k} |" in table
     assert table.count("\n|---") == 1 and all(
         line.count("|") == 17 for line in table.splitlines() if line.startswith("| ")
     )
