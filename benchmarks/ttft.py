@@ -484,11 +484,18 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
         style = dict(marker="osD^v<>"[k % 7], color=colors(k % 20), label=name, ms=4)
         axes[0].plot(xs, [r.get("ttft_speedup", float("nan")) for r in mine], **style)
         axes[1].plot(xs, [r.get("lm_speedup", float("nan")) for r in mine], **style)
+    # the limit as a function of the kept share holds for input-stage pruning; rows with in-layer stages
+    # (their x is the share the deepest layers see) get their own limit as a short bar
     bound = sorted(
-        (r.get("retained_fraction", r["retain"]), 1 / r["flops_ratio"]) for r in rows if r.get("flops_ratio")
+        (r.get("retained_fraction", r["retain"]), 1 / r["flops_ratio"])
+        for r in rows
+        if r.get("flops_ratio") and not r.get("layer_stages")
     )
     if bound:
         axes[1].plot(*zip(*bound), "k--", lw=1, label="FLOPs limit")
+    staged = [(r.get("retained_fraction", r["retain"]), 1 / r["flops_ratio"]) for r in rows if r.get("layer_stages")]
+    if staged:
+        axes[1].plot(*zip(*staged), "k_", ms=9, label="FLOPs limit (in-layer stages)")
     bare = [(r.get("retained_fraction", r["retain"]), 1 / r["bare_ratio"]) for r in rows if r.get("bare_ratio")]
     if bare:
         axes[1].plot(*zip(*bare), "kx", ms=5, label="bare LM (no tokcompress)")
