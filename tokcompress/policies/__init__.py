@@ -7,9 +7,11 @@ from .evs import EVS
 from .evs_pixel import EVSPixel
 from .fastv import FastV
 from .fastvid import FastVID
+from .free_video_llm import FreeVideoLLM
 from .holitom import HoliTom
 from .holitom_inner import HoliTomInner
 from .llava_scissor import LlavaScissor
+from .quota import QuoTA
 from .prunevid import PruneVid, PruneVidInner, PruneVidOuter
 from .sttm import STTM
 from .ts_llava import TSLLaVA
@@ -26,6 +28,7 @@ __all__ = [
     "FastV",
     "FastVID",
     "Frames",
+    "FreeVideoLLM",
     "HoliTom",
     "HoliTomInner",
     "KeepAll",
@@ -34,6 +37,7 @@ __all__ = [
     "PruneVid",
     "PruneVidInner",
     "PruneVidOuter",
+    "QuoTA",
     "RandomKeep",
     "STTM",
     "TSLLaVA",
