@@ -38,11 +38,15 @@ def build_policy(policy: PolicySpec, retain: float | None = None, **params: Any)
     raise TypeError(f"policy must be a name, a Policy or a list of them; got {type(policy).__name__}")
 
 
-def wrap(model: M, policy: PolicySpec = "none", retain: float | None = None, **params: Any) -> M:
+def wrap(
+    model: M, policy: PolicySpec = "none", retain: float | None = None, *, processor: Any = None, **params: Any
+) -> M:
     """Install compression hooks on ``model`` and return the same object.
 
     ``policy`` is a registered name (see :func:`available_policies`), a Policy object, or a list of
-    them applied in order. ``retain`` is the fraction of visual tokens kept. Wrapping a model that
+    them applied in order. ``retain`` is the fraction of visual tokens kept. ``processor`` is the
+    wrapped model's processor, needed by policies with a scorer (``quota``, ``free_video_llm``) to
+    read the question text and the frames of each call. Wrapping a model that
     is already wrapped raises: call :func:`unwrap` first, or wrap once with a list to chain policies.
     """
     existing = getattr(model, SESSION_ATTR, None)
@@ -52,7 +56,7 @@ def wrap(model: M, policy: PolicySpec = "none", retain: float | None = None, **p
             "or pass a list of policies to chain them in one wrap"
         )
     adapter = adapter_for(model)
-    Session(model, adapter, build_policy(policy, retain, **params))
+    Session(model, adapter, build_policy(policy, retain, **params), processor=processor)
     return model
 
 
@@ -78,9 +82,11 @@ def policy_of(model: nn.Module) -> Policy:
 
 
 @contextmanager
-def compressed(model: M, policy: PolicySpec = "none", retain: float | None = None, **params: Any) -> Iterator[M]:
+def compressed(
+    model: M, policy: PolicySpec = "none", retain: float | None = None, *, processor: Any = None, **params: Any
+) -> Iterator[M]:
     """``with compressed(model, "random", retain=0.5, seed=0): ...`` wraps for the block only."""
-    wrap(model, policy, retain, **params)
+    wrap(model, policy, retain, processor=processor, **params)
     try:
         yield model
     finally:

@@ -27,10 +27,15 @@ from .errors import MissingSignalError, UnsupportedUsageError
 from .layers import LayerRunner, compact_index
 from .policy import DecodePolicy, LayerPolicy, Policy, chain_compress
 from .record import RowRecord, VideoRecord
+from .scorers import SCORER_SIGNALS, frames_from_pixels, question_text
 from .tokens import Compression, TokenSet, selection
 
 #: Attribute under which a wrapped model carries its session. Removed by ``close``.
 SESSION_ATTR = "_tokcompress_session"
+
+#: Attributes a model's forward stores on the inner model for later decode steps (Qwen-VL's M-RoPE
+#: deltas). A scorer that runs the wrapped model itself would overwrite them; the engine restores them.
+FORWARD_STATE_ATTRS = ("rope_deltas",)
 
 
 @dataclass
@@ -78,12 +83,15 @@ def _check_cache_supported(cache: Any) -> None:
 class Session:
     """Hooks and per-call state of one wrapped model."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter, policy: Policy) -> None:
+    def __init__(self, model: nn.Module, adapter: Adapter, policy: Policy, processor: Any = None) -> None:
         self.model = model
         self.adapter = adapter
         self.policy = policy
         stages = policy.stages()
         self.input_policies = [p for p in stages if p.stage == "input"]
+        self.scorers = self._scorers(self.input_policies)
+        self.processor = self._scorer_processor(processor)
+        self._paused = 0  # > 0 while a scorer runs: every hook of this session does nothing
         layer_policies = [p for p in stages if isinstance(p, LayerPolicy)]
         decode_policies = [p for p in stages if isinstance(p, DecodePolicy)]
         if len(decode_policies) > 1:
@@ -93,7 +101,15 @@ class Session:
         self.compact_positions = adapter.positions == "1d" and any(
             getattr(p, "positions", "kept") == "compacted" for p in self.input_policies
         )
-        missing = set(policy.needs) - {"query"} - set(adapter.signals)
+        provided = frozenset().union(*(s.provides for s in self.scorers))
+        missing = set(policy.needs) - {"query"} - set(adapter.signals) - provided
+        if missing & SCORER_SIGNALS:
+            raise MissingSignalError(
+                f"policy {policy.label} needs {sorted(missing & SCORER_SIGNALS)}, which come from a scorer model: pass "
+                "scorer= (tokcompress.scorers.QuoTAScorer(model, processor) for quota, "
+                "tokcompress.scorers.CLIPScorer(clip_model, clip_processor) for free_video_llm) and processor= "
+                "(the wrapped model's processor) to tokcompress.wrap"
+            )
         if missing:
             raise MissingSignalError(
                 f"policy {policy.label} needs {sorted(missing)}, which the {adapter.name} adapter cannot provide "
@@ -110,7 +126,8 @@ class Session:
         self._stack = ExitStack()
         self.runner: LayerRunner | None = None
         try:
-            self._install(frozenset(policy.needs) | frozenset(policy.optional_needs))
+            needs = frozenset(policy.needs) | frozenset(policy.optional_needs)
+            self._install(needs | ({"pixels"} if self.scorers else frozenset()))
             if layer_policies or decode_policies:
                 self.runner = LayerRunner(
                     adapter.decoder_layers(model),
@@ -124,6 +141,68 @@ class Session:
         except BaseException:
             self._stack.close()
             raise
+
+    # -- scorers --------------------------------------------------------------------------------
+    @staticmethod
+    def _scorers(policies: list[Policy]) -> list[Any]:
+        """The scorers the input policies declare (a ``scorer`` field), each once."""
+        out: list[Any] = []
+        seen: dict[str, str] = {}
+        for p in policies:
+            scorer = getattr(p, "scorer", None)
+            if scorer is None or any(scorer is s for s in out):
+                continue
+            if not callable(scorer) or not isinstance(getattr(scorer, "provides", None), frozenset):
+                raise TypeError(
+                    f"policy {p.name!r}: scorer must be a tokcompress.scorers.Scorer (QuoTAScorer, CLIPScorer, ...); "
+                    f"got {type(scorer).__name__}"
+                )
+            for signal in scorer.provides:
+                if signal in seen:
+                    raise ValueError(f"two scorers provide signal {signal!r} (policies {seen[signal]!r} and {p.name!r})")
+                seen[signal] = p.name
+            out.append(scorer)
+        return out
+
+    def _scorer_processor(self, processor: Any) -> Any:
+        """The wrapped model's processor (question text, frame normalisation), needed when scorers run."""
+        if not self.scorers or processor is not None:
+            return processor
+        for scorer in self.scorers:
+            if getattr(scorer, "model", None) is self.model and getattr(scorer, "processor", None) is not None:
+                return scorer.processor  # the scorer is the wrapped model: same processor
+        raise ValueError(
+            "a scorer reads the question text and the frames of each call, which needs the wrapped model's "
+            "processor: pass processor=<the processor of the wrapped model> to tokcompress.wrap"
+        )
+
+    def _run_scorers(self, span: VideoSpan, input_ids: Tensor | None, valid: Tensor, target: Tensor) -> tuple[dict, float]:
+        """Signals of every scorer for one video, and the seconds they took (hooks paused meanwhile)."""
+        pixels = span.signals.get("pixels")
+        if pixels is None or input_ids is None:
+            raise MissingSignalError(
+                "a scorer needs the video frames and the question's token ids: pass input_ids and the video as "
+                "pixel values (not pre-computed embeddings)"
+            )
+        after = torch.zeros_like(valid[span.row])
+        after[int(span.all_positions.max()) + 1 :] = True
+        ids = input_ids[span.row][(after & valid[span.row] & ~target[span.row]).to(input_ids.device)]
+        question = question_text(ids, self.processor)
+        frames = frames_from_pixels(pixels, self.processor)
+        saved = {a: getattr(self.inner, a) for a in FORWARD_STATE_ATTRS if hasattr(self.inner, a)}
+        _sync(pixels.device)
+        start = time.perf_counter()
+        self._paused += 1
+        try:
+            signals: dict[str, Tensor] = {}
+            for scorer in self.scorers:
+                signals.update(scorer(frames, question))
+        finally:
+            self._paused -= 1
+            for name, value in saved.items():
+                setattr(self.inner, name, value)
+        _sync(pixels.device)
+        return {k: v.to(pixels.device) for k, v in signals.items()}, time.perf_counter() - start
 
     # -- installation -------------------------------------------------------------------------
     def _install(self, needs: frozenset[str]) -> None:
@@ -145,7 +224,10 @@ class Session:
 
     def _register_pre(self, module: nn.Module, fn: Any) -> None:
         """Install a forward pre-hook (with kwargs) removed by :meth:`close`; the runner's only way to hook."""
-        self._stack.callback(module.register_forward_pre_hook(fn, with_kwargs=True).remove)
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+            return None if self._paused else fn(mod, args, kwargs)
+
+        self._stack.callback(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
 
     def close(self) -> None:
         """Remove every hook and attribute this session added."""
@@ -155,18 +237,22 @@ class Session:
 
     def _capture_pre(self, name: str, fn: Any) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self.captured.setdefault(name, []).append(fn(module, args, kwargs, None))
+            if not self._paused:
+                self.captured.setdefault(name, []).append(fn(module, args, kwargs, None))
 
         return hook
 
     def _capture_post(self, name: str, fn: Any) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            self.captured.setdefault(name, []).append(fn(module, args, kwargs, output))
+            if not self._paused:
+                self.captured.setdefault(name, []).append(fn(module, args, kwargs, output))
 
         return hook
 
     # -- hook on the inner multimodal model ----------------------------------------------------
     def _inner_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._paused:
+            return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         cache = _cache_arg(kwargs)
@@ -216,6 +302,8 @@ class Session:
 
     # -- hook on the language model ------------------------------------------------------------
     def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._paused:
+            return None
         cache = _cache_arg(kwargs)
         if self.runner is not None:
             self.runner.reset()
@@ -318,6 +406,10 @@ class Session:
         videos: list[list[VideoRecord]] = [[] for _ in range(batch)]
         kept_rows: list[list[Tensor]] = [[] for _ in range(batch)]
         for span in spans:
+            scorer_seconds = 0.0
+            if self.scorers:
+                scores, scorer_seconds = self._run_scorers(span, call.input_ids, valid, call.target)
+                span.signals = {**span.signals, **scores}
             tokens = self._token_set(span, embeds, valid, call.target)
             result, seconds = self._run_policy(tokens, embeds.device)
             kept_pos = span.positions.to(embeds.device)[result.keep]
@@ -328,7 +420,14 @@ class Session:
             kept_rows[span.row] += [kept_pos, span.specials.to(embeds.device)]
             videos[span.row].append(
                 VideoRecord(
-                    span.positions, span.grid, result.keep, result.assign, result.info, seconds, span.frames_per_step
+                    span.positions,
+                    span.grid,
+                    result.keep,
+                    result.assign,
+                    result.info,
+                    seconds,
+                    span.frames_per_step,
+                    scorer_seconds,
                 )
             )
         index, slot_valid = compact_index(keep)
@@ -470,6 +569,7 @@ class Session:
                     video_tokens_after=int(kept.numel()),
                     policy=self.policy.label,
                     seconds=sum(v.seconds for v in videos[row]),
+                    scorer_seconds=sum(v.scorer_seconds for v in videos[row]),
                     slots=slots,
                     position_ids=pos_row,
                     videos=videos[row],

@@ -22,6 +22,7 @@ class VideoRecord:
         seconds: time the policy took on this video.
         frames_per_step: input frames per temporal step of ``grid`` (2 for Qwen-VL, else 1), to map
             grid steps back onto the video's frames.
+        scorer_seconds: time the policy's scorer model took on this video (0.0 without a scorer).
     """
 
     positions: Tensor
@@ -31,6 +32,7 @@ class VideoRecord:
     info: dict[str, Any]
     seconds: float
     frames_per_step: int = 1
+    scorer_seconds: float = 0.0
 
 
 @dataclass
@@ -44,6 +46,7 @@ class RowRecord:
         video_tokens_before / video_tokens_after: placeholder tokens of this row before and after.
         policy: label of the policy that ran.
         seconds: time the policy itself took on this row's videos.
+        scorer_seconds: time the policy's scorer model took on this row's videos (part of TTFT; not in ``seconds``).
         slots: ``(Lk,)`` for each position of the compacted sequence, the original index it came
             from, ``-1`` for padding slots the engine added (outputs of a plain forward follow it).
         position_ids: the position ids the LM received for the compacted row (``(Lk,)``, or
@@ -66,5 +69,6 @@ class RowRecord:
     slots: Tensor
     position_ids: Tensor | None
     videos: list[VideoRecord] = field(default_factory=list)
+    scorer_seconds: float = 0.0
     stages: dict[str, Any] = field(default_factory=dict)
     clock: dict[str, float] = field(default_factory=dict)
