@@ -32,7 +32,9 @@ import torch
 if TYPE_CHECKING:
     from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
-__all__ = ["FAMILIES", "BENCHMARK_SHAPE", "DEFAULT_FPS", "build", "build_config", "family_of", "make_inputs"]
+__all__ = [
+    "FAMILIES", "BENCHMARK_SHAPE", "DEFAULT_FPS", "build", "build_clip", "build_config", "family_of", "make_inputs"
+]
 
 FAMILIES: tuple[str, ...] = (
     "llava_onevision",
@@ -820,6 +822,43 @@ def build(
     model.eval()
     processor.tokenizer.padding_side = "left"
     return model, processor
+
+
+def build_clip(
+    *, seed: int = 0, image_size: int = 32, patch_size: int = 4, hidden_size: int = 32, projection_dim: int = 24
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A tiny random ``CLIPModel`` with a real ``CLIPProcessor`` (``CLIPTokenizer`` over bytes), fully offline.
+
+    For tests and benchmarks of :class:`tokcompress.scorers.CLIPScorer`. The tokenizer's vocabulary is
+    the 256 byte characters, each also with CLIP's word-end marker ``</w>``, and the two specials; the
+    vision tower sees ``image_size`` pixels in ``patch_size`` patches (8x8 patches by default).
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    table = _byte_to_unicode()
+    vocab = {table[b]: b for b in range(256)}
+    for b in range(256):
+        vocab[table[b] + "</w>"] = 256 + b
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    vocab[bos], vocab[eos] = 512, 513
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    width = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+            **width,
+        ),
+        vision_config=dict(image_size=image_size, patch_size=patch_size, **width),
+        projection_dim=projection_dim,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    return model.eval(), processor
 
 
 # --------------------------------------------------------------------------- #
