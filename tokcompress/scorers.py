@@ -117,8 +117,8 @@ class QuoTAScorer(Scorer):
         batch_size: frames per scorer forward (64, as the reference).
         answer: the token whose probability is the score (``"A"``).
 
-    Returns ``{"frame_scores": (F,) float32}`` yes-probabilities; the last decoupled object list is
-    kept in ``last_objects`` for inspection.
+    Returns ``{"frame_scores": (F,) float32}`` yes-probabilities; the decoupler's last answer and the
+    objects parsed from it are kept in ``last_answer`` and ``last_objects`` for inspection.
     """
 
     model: Any = None
@@ -141,6 +141,7 @@ class QuoTAScorer(Scorer):
             raise ValueError(f"answer {self.answer!r} must be one token of the scorer's tokenizer; got ids {ids}")
         self.answer_id = int(ids[0])
         self.last_objects: list[str] = []
+        self.last_answer = ""  # the decoupler's last raw answer
 
     def objects(self, question: str) -> list[str]:
         """The decoupling step: ``[]`` without a decoupler."""
@@ -153,8 +154,8 @@ class QuoTAScorer(Scorer):
         inputs = tokenizer([text], return_tensors="pt").to(_device(self.decoupler))
         with torch.no_grad():
             out = self.decoupler.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        return parse_objects(answer)
+        self.last_answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return parse_objects(self.last_answer)
 
     def prompt_inputs(self, frames: Tensor, prompt: str) -> dict[str, Any]:
         """Processor inputs for ``frames`` ``(k, C, H, W)``, one frame per sequence, same prompt."""
