@@ -22,6 +22,10 @@ POLICY_PARAMS: dict[str, dict[str, Any]] = {
     "random": {"seed": 0},
 }
 
+#: Policies whose token count is set by their own parameters (no ``retain`` budget): benchmarks run
+#: them once, at the reference setting.
+FIXED_BUDGET: frozenset[str] = frozenset({"free_video_llm"})
+
 
 def policies(names: str | None = None) -> list[str]:
     """Registered policies (``none`` first), or the comma-separated ``names`` after checking them."""

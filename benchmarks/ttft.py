@@ -23,8 +23,14 @@ What is timed (also written into every output):
   CUDA the device is synchronised around each call and the time comes from CUDA events.
 * The split of each TTFT, from stamps the engine takes after device syncs
   (:mod:`tokcompress.timing`): ``vision`` (generate's setup, vision tower, projector), ``embed``
-  (the model's own text embedding and feature scatter), ``policy``, ``engine`` (tokcompress's hook
-  work around the policy), ``prefill`` (language model on the kept tokens, LM head, first token).
+  (the model's own text embedding and feature scatter), ``policy``, ``scorer`` (the scorer model of
+  ``quota`` / ``free_video_llm``: it runs inside the prefill, so it is part of TTFT), ``engine``
+  (tokcompress's hook work around the policy), ``prefill`` (language model on the kept tokens, LM
+  head, first token).
+* Scorers: ``quota`` is scored by ``--quota-scorer`` (default ``self``: the benchmarked model rates
+  its own frames, one forward per frame), ``free_video_llm`` by ``--clip`` (default ``tiny``: a tiny
+  random ``CLIPModel``; pass a checkpoint id for a real one). ``free_video_llm``'s token count is set
+  by its pathways: it runs once, and its retain column is the fraction it kept.
   The unwrapped model has no stamps: only its total is measured.
 * ``LM ratio``: (policy + engine + prefill) of a row over the prefill of ``none`` (all tokens).
   ``FLOPs ratio``: analytic prefill FLOPs (:mod:`tokcompress.flops`, causal attention, per layer
@@ -32,8 +38,8 @@ What is timed (also written into every output):
   physical limit of the LM ratio; ``gap`` = LM ratio / FLOPs ratio (1.0 = no overhead at all).
   ``bare LM ratio``: the language model called alone on random embeddings of the row's length, over
   the same at full length: what the model itself costs at that length, with no tokcompress code.
-  ``overhead share``: (policy + engine + the row's vision time above ``none``'s, i.e. signals the
-  policy captures in the vision tower) over the prefill time pruning saved.
+  ``overhead share``: (policy + scorer + engine + the row's vision time above ``none``'s, i.e. signals
+  the policy captures in the vision tower) over the prefill time pruning saved.
 * ``peak memory``: tensor memory allocated during one extra (untimed) call above what was allocated
   before it (CUDA: ``max_memory_allocated``; CPU: the torch profiler's allocation events, a lower
   bound). ``KV cache``: bytes of the keys and values in the cache that call returned.
@@ -230,21 +236,68 @@ def _profile(model: Any, inputs: dict[str, Any], args: argparse.Namespace, bare:
 
 
 @contextlib.contextmanager
-def _as_row(model: Any, row: dict[str, Any]) -> Iterator[Any]:
-    """The model as ``row`` runs it: unwrapped, or wrapped with the row's policy for the block."""
+def _as_row(model: Any, row: dict[str, Any], scorers: dict[str, tuple[Any, Any]] | None = None) -> Iterator[Any]:
+    """The model as ``row`` runs it: unwrapped, or wrapped with the row's policy (and its scorer) for the block."""
     import tokcompress as tc
 
     if row["policy"] == "unwrapped":
         yield model
     else:
+        extra: dict[str, Any] = {}
+        if scorers and row["policy"] in scorers:
+            extra["scorer"], extra["processor"] = scorers[row["policy"]]
         with tc.compressed(
-            model, row["policy"], None if row["policy"] == "none" else row["retain"], **row["params"]
+            model,
+            row["policy"],
+            None if row["policy"] == "none" or row.get("fixed") else row["retain"],
+            **row["params"],
+            **extra,
         ) as wrapped:
             yield wrapped
 
 
+def _scorers(
+    args: argparse.Namespace, model: Any, processor: Any, names: Sequence[str]
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, str]]:
+    """``{policy: (scorer, wrapped model's processor)}`` for the scorer policies among ``names``, and descriptions."""
+    from tokcompress.scorers import CLIPScorer, QuoTAScorer
+
+    scorers: dict[str, tuple[Any, Any]] = {}
+    described: dict[str, str] = {}
+    if "quota" in names:
+        if args.quota_scorer == "self":
+            scorers["quota"] = (QuoTAScorer(model=model, processor=processor), processor)
+            described["quota"] = "QuoTAScorer: the benchmarked model itself"
+        else:
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            vlm = AutoModelForImageTextToText.from_pretrained(args.quota_scorer, dtype=model.dtype).to(args.device)
+            scorer = QuoTAScorer(model=vlm.eval(), processor=AutoProcessor.from_pretrained(args.quota_scorer))
+            scorers["quota"] = (scorer, processor)
+            described["quota"] = f"QuoTAScorer: {args.quota_scorer}"
+    if "free_video_llm" in names:
+        if args.clip == "tiny":
+            from tokcompress.tiny import build_clip
+
+            clip, clip_processor = build_clip()
+            described["free_video_llm"] = "CLIPScorer: tokcompress.tiny.build_clip() (random weights)"
+        else:
+            from transformers import CLIPModel, CLIPProcessor
+
+            clip = CLIPModel.from_pretrained(args.clip, dtype=model.dtype)
+            clip_processor = CLIPProcessor.from_pretrained(args.clip)
+            described["free_video_llm"] = f"CLIPScorer: {args.clip}"
+        clip = clip.to(args.device, model.dtype).eval()
+        scorers["free_video_llm"] = (CLIPScorer(clip, clip_processor), processor)
+    return scorers, described
+
+
 def _policy_runs(
-    model: Any, inputs: dict[str, Any], args: argparse.Namespace, names: Sequence[str]
+    model: Any,
+    inputs: dict[str, Any],
+    args: argparse.Namespace,
+    names: Sequence[str],
+    scorers: dict[str, tuple[Any, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Every row: first its untimed facts, then the timed repeats, interleaved over the rows.
 
@@ -257,9 +310,10 @@ def _policy_runs(
     retains = [float(r) for r in args.retain.split(",")] if args.retain else list(DEFAULT_RETAIN)
     rows: list[dict[str, Any]] = [{"policy": "unwrapped", "retain": 1.0, "params": {}, "label": "unwrapped model"}]
     for name in names:
-        for retain in [1.0] if name == "none" else retains:
+        fixed = name in common.FIXED_BUDGET
+        for retain in [1.0] if name == "none" else [None] if fixed else retains:
             params = {} if name == "none" else dict(common.POLICY_PARAMS.get(name, {}))
-            rows.append({"policy": name, "retain": retain, "params": params})
+            rows.append({"policy": name, "retain": retain, "params": params, **({"fixed": True} if fixed else {})})
     bare = BareLM(model) if args.bare else None
     with torch.no_grad():  # the first calls of a process are slower: keep them out of every row
         for _ in range(2):
@@ -270,7 +324,7 @@ def _policy_runs(
     def attempt(row: dict[str, Any], step: Any) -> None:
         start = time.perf_counter()
         try:
-            with _as_row(model, row) as wrapped:
+            with _as_row(model, row, scorers) as wrapped:
                 if row["policy"] != "unwrapped":
                     row["label"] = tc.policy_of(wrapped).label
                 step(wrapped)
@@ -282,6 +336,9 @@ def _policy_runs(
 
     for row in rows:
         attempt(row, lambda m, row=row: row.update(_profile(m, inputs, args, bare)))
+        if row.get("fixed"):  # a fixed-size policy: its retain is the fraction it kept
+            before, after = row.get("video_tokens_before"), row.get("video_tokens_after")
+            row["retain"] = round(after / before, 4) if before else float("nan")
     for _ in range(args.repeats):
         timed_lengths: set[int] = set()
         for i, row in enumerate(rows):
@@ -310,6 +367,7 @@ def _policy_runs(
         row["ttft"] = total.as_dict()
         row["parts"] = {k: v.as_dict() for k, v in parts.items()}
         if parts:
+            row["scorer_s"] = statistics.median(parts["scorer"].seconds)
             lm = [
                 p + e + f for p, e, f in zip(parts["policy"].seconds, parts["engine"].seconds, parts["prefill"].seconds)
             ]
@@ -358,7 +416,12 @@ def derive(runs: list[dict[str, Any]]) -> None:
             saved = full_prefill - r["parts"]["prefill"]["median_s"]
             # signals a policy captures in the vision tower (attention maps, ...) are part of its cost
             r["vision_extra_s"] = max(0.0, r["parts"]["vision"]["median_s"] - none_vision) if none_vision else 0.0
-            overhead = r["parts"]["policy"]["median_s"] + r["parts"]["engine"]["median_s"] + r["vision_extra_s"]
+            overhead = (
+                r["parts"]["policy"]["median_s"]
+                + r["parts"]["scorer"]["median_s"]
+                + r["parts"]["engine"]["median_s"]
+                + r["vision_extra_s"]
+            )
             r["overhead_share"] = overhead / saved if saved > 0 else None
         if full_bare and r.get("bare_lm_s") is not None:
             r["bare_ratio"] = r["bare_lm_s"] / full_bare
@@ -432,12 +495,15 @@ def markdown(result: dict[str, Any]) -> str:
         )
         for stage in r.get("layer_stages") or []:
             tokens += f", {stage['after']} from layer {stage['layer']}"
+        policy = _ms(med.get("policy"))
+        if med.get("scorer"):
+            policy += f" + {_ms(med['scorer'])} scorer"
         gap = _x(r.get("gap"))
         if "meets_goal" in r:
             gap += " ✓" if r["meets_goal"] else " ✗"
         lines.append(
             f"| {r['policy']} | {r['retain']:g} | {tokens} | {_ms(r['ttft']['median_s'])} ({_ms(r['ttft']['p90_s'])}) | "
-            f"{_x(r.get('ttft_speedup'))}x | {_ms(med.get('vision'))} | {_ms(med.get('policy'))} | {_ms(med.get('engine'))} | "
+            f"{_x(r.get('ttft_speedup'))}x | {_ms(med.get('vision'))} | {policy} | {_ms(med.get('engine'))} | "
             f"{_ms(med.get('prefill'))} | {_x(r.get('lm_ratio'), 3)} | {_x(r.get('bare_ratio'), 3)} | "
             f"{_x(r.get('flops_ratio'), 3)} | {gap} | {_pct(r.get('overhead_share'))} | "
             f"{_mb(r.get('kv_cache_bytes'))} | {_mb(r.get('peak_memory_bytes'))} |"
@@ -447,8 +513,9 @@ def markdown(result: dict[str, Any]) -> str:
         "Times in ms (medians). LM ratio = (policy + engine + prefill) / prefill of `none`; bare LM ratio = the "
         "language model alone on random embeddings of the kept length / of the full length (what the model itself "
         "costs, no tokcompress); FLOPs ratio = analytic prefill FLOPs / uncompressed; gap = LM ratio / FLOPs ratio "
-        f"(goal at retain {GOAL_RETAIN:g}: gap ≤ {GOAL_GAP}, ✓/✗); overhead = (policy + engine + vision time above "
-        "`none`'s) / prefill time saved. LM ratio above bare LM ratio is tokcompress's "
+        f"(goal at retain {GOAL_RETAIN:g}: gap ≤ {GOAL_GAP}, ✓/✗); overhead = (policy + scorer + engine + vision time above "
+        "`none`'s) / prefill time saved. `policy` shows the scorer model's time after a `+` where a policy has one "
+        "(QuoTA, Free Video-LLM): it runs before the first token, so TTFT includes it. LM ratio above bare LM ratio is tokcompress's "
         "overhead; bare LM ratio above FLOPs ratio is the model running short sequences less efficiently. "
         "`vision` includes the signals a policy captures in the vision tower (attention maps for FastVID, HoliTom, "
         "VisionZip, ...): compare it with `none`'s.",
@@ -555,7 +622,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for k, v in prepare_inputs(processor, [clip], [args.question]).items()
     }
 
-    runs = _policy_runs(model, inputs, args, names)
+    scorers, scorer_desc = _scorers(args, model, processor, names)
+    runs = _policy_runs(model, inputs, args, names, scorers)
     derive(runs)
     if args.profile:
         profile_misses(model, inputs, runs)
@@ -578,6 +646,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "video_tokens": video_tokens,
             "policies": names,
             "policy_params": {n: common.POLICY_PARAMS.get(n, {}) for n in names},
+            "scorers": scorer_desc,
             "lm": dataclasses.asdict(LMShape.from_config(model.config)),
             "command": " ".join(["python -m benchmarks.ttft", *(argv if argv is not None else sys.argv[1:])]),
         },
@@ -634,6 +703,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--policies", help="comma-separated policy names (default: every registered policy)")
     parser.add_argument(
         "--retain", help=f"comma-separated retain ratios (default: {','.join(map(str, DEFAULT_RETAIN))})"
+    )
+    parser.add_argument(
+        "--quota-scorer",
+        default="self",
+        help="QuoTA's frame scorer: 'self' (the benchmarked model, default) or a Hugging Face VLM id; timed inside TTFT",
+    )
+    parser.add_argument(
+        "--clip",
+        default="tiny",
+        help="free_video_llm's CLIP: 'tiny' (random weights, default) or a CLIPModel id, e.g. "
+        "openai/clip-vit-large-patch14-336; timed inside TTFT",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)

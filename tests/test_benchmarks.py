@@ -88,7 +88,8 @@ def test_ttft_benchmark_rows_ratios_and_files(ttft_run):
     assert "bare_lm_s" not in fastv and fastv["retained_fraction"] == stage["after"] / fastv["video_tokens_before"]
     assert uniform["kv_cache_bytes"] < none["kv_cache_bytes"] == base["kv_cache_bytes"]
     assert uniform["peak_memory_bytes"] > 0
-    assert set(uniform["parts"]) == {"vision", "embed", "policy", "engine", "prefill"} and base["parts"] == {}
+    assert set(uniform["parts"]) == {"vision", "embed", "policy", "scorer", "engine", "prefill"} and base["parts"] == {}
+    assert uniform["scorer_s"] == 0.0
     assert none["bare_lm_s"] == base["bare_lm_s"]  # one bare timing per length
     for key in ("ttft_speedup", "lm_ratio", "bare_ratio", "gap", "overhead_share"):
         assert key in uniform
@@ -105,6 +106,30 @@ def test_ttft_benchmark_rows_ratios_and_files(ttft_run):
     assert (out / "ttft-default-cpu.png").stat().st_size > 10_000
     assert uniform["meets_goal"] is False and "aten::" in uniform["profile"]
     assert "Profile of one call, uniform(retain=0.5)" in table
+
+
+def test_ttft_counts_the_scorer_inside_ttft(tmp_path):
+    """quota (the model scores its own frames) and free_video_llm (a tiny CLIP): the scorer's seconds are
+    a part of each TTFT, reported per row; free_video_llm runs once, at its own token count."""
+    argv = ["--frames", "2", "--policies", "quota,free_video_llm", "--retain", "0.5", "--repeats", "1",
+            "--warmup", "0", "--no-memory", "--no-bare", "--out", str(tmp_path), "--tag", "scorers"]  # fmt: skip
+    result = ttft.run(argv)
+    runs = {r["policy"]: r for r in result["runs"]}
+    assert set(runs) == {"unwrapped", "quota", "free_video_llm"} and all("error" not in r for r in runs.values())
+    assert result["config"]["scorers"] == {
+        "quota": "QuoTAScorer: the benchmarked model itself",
+        "free_video_llm": "CLIPScorer: tokcompress.tiny.build_clip() (random weights)",
+    }
+    for name in ("quota", "free_video_llm"):
+        row = runs[name]
+        scorer = row["parts"]["scorer"]["all_s"][0]
+        assert row["scorer_s"] == scorer > 0
+        assert sum(part["all_s"][0] for part in row["parts"].values()) == pytest.approx(row["ttft"]["all_s"][0], rel=1e-6)
+    fvl = runs["free_video_llm"]
+    assert fvl["retain"] == round(fvl["video_tokens_after"] / fvl["video_tokens_before"], 4) < 1
+    assert runs["quota"]["retain"] == 0.5 and runs["quota"]["video_tokens_after"] < runs["quota"]["video_tokens_before"]
+    table = (tmp_path / "ttft-scorers.md").read_text()
+    assert " scorer |" in table and "TTFT includes it" in table
 
 
 def test_readme_section_is_generated_from_the_json(ttft_run, tmp_path):

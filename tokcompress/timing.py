@@ -12,6 +12,8 @@ writes into :attr:`tokcompress.RowRecord.clock` (each read after a device sync):
 * ``embed``: the inner model's own work before the language model (text embeddings, scattering the
   video features into them, position ids);
 * ``policy``: the policy itself (input stage, plus in-layer stages when a policy has them);
+* ``scorer``: the scorer model of a query-dependent policy (QuoTA, Free Video-LLM; 0 otherwise): it
+  runs inside the prefill, so users wait for it before the first token;
 * ``engine``: tokcompress's hook work around the policy (finding the videos, gathering the kept
   positions, masks, position ids);
 * ``prefill``: the language model on the compacted sequence, the LM head and choosing the first
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 #: The parts :func:`ttft_split` reports for a wrapped model, in call order.
-PARTS = ("vision", "embed", "policy", "engine", "prefill")
+PARTS = ("vision", "embed", "policy", "scorer", "engine", "prefill")
 
 
 @dataclass
@@ -124,6 +126,7 @@ def split_from_record(record: list[Any], start: float, end: float) -> dict[str, 
     if not start <= clock["inner_start"] <= clock["lm_start"] <= end:
         raise RuntimeError("the last record is not from this call (no compressed prefill happened in it)")
     input_policy = sum(row.seconds for row in record)
+    scorer = sum(getattr(row, "scorer_seconds", 0.0) for row in record)
     layer_policy = sum(
         float(stage["seconds"])
         for row in record
@@ -134,7 +137,8 @@ def split_from_record(record: list[Any], start: float, end: float) -> dict[str, 
         "vision": clock["inner_start"] - start,
         "embed": clock["lm_hook_start"] - clock["inner_start"],
         "policy": input_policy + layer_policy,
-        "engine": clock["lm_start"] - clock["lm_hook_start"] - input_policy,
+        "scorer": scorer,
+        "engine": clock["lm_start"] - clock["lm_hook_start"] - input_policy - scorer,
         "prefill": end - clock["lm_start"] - layer_policy,
     }
 
