@@ -280,3 +280,36 @@ def test_a_stage_that_drops_tokens_before_it_is_refused():
 def test_bad_start_layer_is_named(value):
     with pytest.raises(ValueError, match="start_layer"):
         tc.build_policy("sttm", start_layer=value)
+
+
+def test_a_later_in_layer_stage_sees_the_merged_sequence():
+    """FastV at layer 3 after STTM at 2 (compacted): it picks among STTM's outputs, and generate runs."""
+    model, _ = model4("llava_onevision")
+    inputs = inputs_for("llava_onevision", "sdpa")
+    chain = [tc.build_policy("sttm", start_layer=2, positions="compacted", **CASES["thresholds"][0]), tc.build_policy("fastv", retain=0.5, layer=3)]
+    seen = []
+    layer3 = adapter_for(model).decoder_layers(model)[3]
+    with tc.compressed(model, chain):
+        # registered after the engine's hooks: sees what layer 3 receives
+        handle = layer3.register_forward_pre_hook(lambda m, a, k: seen.append(dict(k)), with_kwargs=True)
+        try:
+            out, tokens = _generate(model, inputs, 4)
+        finally:
+            handle.remove()
+        records = tc.last_record(model)
+    assert tokens.shape == (2, 4)
+    prefill = seen[0]
+    ids, (cos, sin) = prefill["position_ids"], prefill["position_embeddings"]
+    lm = adapter_for(model).language_model(model)
+    want_cos, want_sin = lm.rotary_emb(cos, ids)
+    assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin), "layer 3 got cos/sin of other positions"
+    for row, rec in enumerate(records):
+        real = ids[row]
+        merged = rec.stages[tc.build_policy(chain).stages()[0].label]
+        # compacted at layer 2: the row's last token sits at (real tokens at layer 2) - 1
+        assert int(real[-1]) == int(inputs["attention_mask"][row].sum()) - (merged["visual_before"] - merged["visual_after"]) - 1
+    for rec in records:
+        merged, pruned = (rec.stages[p.label] for p in tc.build_policy(chain).stages())
+        assert (merged["layer"], pruned["layer"]) == (2, 3)
+        assert pruned["visual_before"] == merged["visual_after"] > pruned["visual_after"]
+        assert bool(torch.isin(pruned["kept"], merged["kept"]).all())
