@@ -137,6 +137,8 @@ class Session:
                     decode_policies[0] if decode_policies else None,
                     adapter.first_prunable_layer(model),
                     self._register_pre,
+                    rotary=getattr(self.lm, "rotary_emb", None),  # compacted in-layer positions recompute cos/sin
+                    positions=adapter.positions,
                 )
         except BaseException:
             self._stack.close()
