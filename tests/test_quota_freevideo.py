@@ -42,7 +42,8 @@ def bilinear(grid: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
             x0 = int(math.floor(x))
             x1, lx = min(x0 + 1, w - 1), x - x0
             line.append(
-                (1 - ly) * ((1 - lx) * grid[y0, x0] + lx * grid[y0, x1]) + ly * ((1 - lx) * grid[y1, x0] + lx * grid[y1, x1])
+                (1 - ly) * ((1 - lx) * grid[y0, x0] + lx * grid[y0, x1])
+                + ly * ((1 - lx) * grid[y1, x0] + lx * grid[y1, x1])
             )
         out.append(torch.stack(line))
     return torch.stack(out)
@@ -149,8 +150,12 @@ def test_quota_matches_the_written_out_stage_d(grid, scores, retain):
 def test_quota_averages_scores_over_a_temporal_step_and_keeps_all_at_retain_1():
     features = torch.randn(3, 4, 4, 3)
     per_frame = torch.tensor([0.1, 0.3, 0.2, 0.2, 0.6, 0.4])  # 2 frames per step -> [0.2, 0.2, 0.5]
-    a = QuoTA(retain=0.3)(TokenSet(features=features, grid=(3, 4, 4), signals={"frame_scores": per_frame}, frames_per_step=2))
-    b = QuoTA(retain=0.3)(TokenSet(features=features, grid=(3, 4, 4), signals={"frame_scores": torch.tensor([0.2, 0.2, 0.5])}))
+    a = QuoTA(retain=0.3)(
+        TokenSet(features=features, grid=(3, 4, 4), signals={"frame_scores": per_frame}, frames_per_step=2)
+    )
+    b = QuoTA(retain=0.3)(
+        TokenSet(features=features, grid=(3, 4, 4), signals={"frame_scores": torch.tensor([0.2, 0.2, 0.5])})
+    )
     assert torch.equal(a.keep, b.keep) and torch.equal(a.values, b.values)
     full = QuoTA(retain=1.0)(TokenSet(features=features, grid=(3, 4, 4), signals={"frame_scores": per_frame}))
     assert torch.equal(full.keep, torch.arange(48)) and full.values is None
@@ -189,7 +194,9 @@ def test_free_video_llm_resizes_patch_scores_of_another_grid_and_keeps_all_at_re
     a = policy(TokenSet(features=x, grid=(4, 4, 8), signals={"frame_scores": scores, "patch_scores": fine}))
     b = policy(TokenSet(features=x, grid=(4, 4, 8), signals={"frame_scores": scores, "patch_scores": coarse}))
     assert torch.equal(a.keep, b.keep) and torch.equal(a.values, b.values)
-    full = FreeVideoLLM(retain=1.0)(TokenSet(features=x, grid=(4, 4, 8), signals={"frame_scores": scores, "patch_scores": fine}))
+    full = FreeVideoLLM(retain=1.0)(
+        TokenSet(features=x, grid=(4, 4, 8), signals={"frame_scores": scores, "patch_scores": fine})
+    )
     assert torch.equal(full.keep, torch.arange(128)) and full.values is None
 
 
@@ -321,14 +328,21 @@ def test_keeping_everything_is_bit_identical(family):
     model, processor = tiny(family)
     inputs, _ = reference_inputs(family)
     with torch.no_grad():
-        base = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        base = model.generate(
+            **inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
     cases = [
-        ("quota", dict(retain=1.0, scorer=QuoTAScorer(model=model, processor=processor, decoupler=model, max_new_tokens=2))),
+        (
+            "quota",
+            dict(retain=1.0, scorer=QuoTAScorer(model=model, processor=processor, decoupler=model, max_new_tokens=2)),
+        ),
         ("free_video_llm", dict(retain=1.0, scorer=CLIPScorer(*clip()), processor=processor)),
     ]
     for name, params in cases:
         with tc.compressed(model, name, **params), torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+            out = model.generate(
+                **inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
         assert torch.equal(out.sequences, base.sequences), name
         assert all(torch.equal(a, b) for a, b in zip(out.logits, base.logits)), name
 

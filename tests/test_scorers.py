@@ -58,7 +58,7 @@ def frames(count: int = 5, size: int = 40, seed: int = 0) -> torch.Tensor:
     "text, objects",
     [
         ("step 1: yes\nstep 2: ['a', 'b']\nstep 3: ['red car', 'dog']", ["red car", "dog"]),
-        ("Step 1: Yes\nstep 3: [\"ball\"]", ["ball"]),
+        ('Step 1: Yes\nstep 3: ["ball"]', ["ball"]),
         ("step 1: no\nstep 3: ['ball']", []),  # no objects needed
         ("step 1: yes\nstep 3: [unparsable", []),
         ("step 1: yes\nstep 3: [car, dog]", []),  # not a Python list of strings
@@ -137,7 +137,9 @@ def test_quota_scorer_decouples_with_a_real_generate():
     scorer = QuoTAScorer(model=model, processor=processor, decoupler=model, max_new_tokens=6)
     assert scorer.objects("Why?") == parse_objects(scorer.last_answer) == []  # random words: no objects
     content = [{"type": "text", "text": DECOUPLE_PROMPT.format(question="Why?")}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
     ids = processor.tokenizer([text], return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=6, do_sample=False)

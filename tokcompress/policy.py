@@ -79,7 +79,9 @@ class Policy:
     Subclasses set ``name`` (the registry key), declare the extra ``needs`` they read from
     ``TokenSet.signals`` (``"pixels"``, ``"vision_attention"``, ...; ``"query"`` for the question
     embeddings), the ``optional_needs`` they use when available (and replace by a documented
-    substitute otherwise), and implement :meth:`compress`.
+    substitute otherwise), and implement :meth:`compress`. A policy that needs another model's view
+    of the question (QuoTA, Free Video-LLM) declares a ``scorer`` field (:mod:`tokcompress.scorers`):
+    the engine runs it and the policy reads only its output signals (``"frame_scores"``, ...).
     """
 
     retain: float = 0.25

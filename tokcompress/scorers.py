@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ast
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -56,7 +56,9 @@ def _tokenizer(processor: Any) -> Any:
 # ----------------------------------------------------------------------------------------- QuoTA
 
 #: The scoring prompts of QuoTA's ``frame_retrieve`` (objects known, or the question itself).
-OBJECT_PROMPT = "Does the image contain any object of {objects}? A. yes, B. no\nAnswer with the option's letter directly."
+OBJECT_PROMPT = (
+    "Does the image contain any object of {objects}? A. yes, B. no\nAnswer with the option's letter directly."
+)
 QUESTION_PROMPT = (
     "{question}\nDoes the image contain sufficient information to answer the given question? A. yes, B. no\n"
     "Answer with the option's letter directly."
@@ -121,10 +123,10 @@ class QuoTAScorer(Scorer):
     objects parsed from it are kept in ``last_answer`` and ``last_objects`` for inspection.
     """
 
-    model: Any = None
-    processor: Any = None
-    decoupler: Any = None
-    decoupler_processor: Any = None
+    model: Any = field(default=None, repr=False)
+    processor: Any = field(default=None, repr=False)
+    decoupler: Any = field(default=None, repr=False)
+    decoupler_processor: Any = field(default=None, repr=False)
     max_new_tokens: int = 128
     batch_size: int = 64
     answer: str = "A"
@@ -149,7 +151,9 @@ class QuoTAScorer(Scorer):
             return []
         processor = self.decoupler_processor or self.processor
         tokenizer = _tokenizer(processor)
-        conversation = [{"role": "user", "content": [{"type": "text", "text": DECOUPLE_PROMPT.format(question=question)}]}]
+        conversation = [
+            {"role": "user", "content": [{"type": "text", "text": DECOUPLE_PROMPT.format(question=question)}]}
+        ]
         text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         inputs = tokenizer([text], return_tensors="pt").to(_device(self.decoupler))
         with torch.no_grad():
@@ -193,8 +197,8 @@ class CLIPScorer(Scorer):
     the text tower's positions are truncated (the reference does not truncate).
     """
 
-    model: Any = None
-    processor: Any = None
+    model: Any = field(default=None, repr=False)
+    processor: Any = field(default=None, repr=False)
     batch_size: int = 64
 
     provides: ClassVar[frozenset[str]] = frozenset({"frame_scores", "patch_scores"})

@@ -35,7 +35,7 @@ kept once. ``retain=None`` is the reference's fixed pathway sizes; ``retain=1.0`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -200,7 +200,7 @@ class FreeVideoLLM(Policy):
     """
 
     retain: float | None = None  # type: ignore[assignment]
-    scorer: Any = None
+    scorer: Any = field(default=None, repr=False, compare=False)
     slow_frames: int = 3
     middle_frames: int = 5
     fast_frames: int | None = None
@@ -240,7 +240,9 @@ class FreeVideoLLM(Policy):
         if self.retain == 1.0:
             return selection(tokens.available_index())
         t = tokens.num_frames
-        frame = per_step(scores_or_raise(tokens, "frame_scores", self.name, "CLIPScorer").reshape(-1), t, "frame_scores")
+        frame = per_step(
+            scores_or_raise(tokens, "frame_scores", self.name, "CLIPScorer").reshape(-1), t, "frame_scores"
+        )
         patch = per_step(scores_or_raise(tokens, "patch_scores", self.name, "CLIPScorer"), t, "patch_scores")
         if patch.dim() != 3:
             raise ValueError(f"signal 'patch_scores' must be (F, gh, gw2); got shape {tuple(patch.shape)}")

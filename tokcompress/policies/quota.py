@@ -29,7 +29,7 @@ video is kept as is.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -123,7 +123,11 @@ def quota_assign(features: Tensor, scores: Tensor, retain: float) -> Compression
         values.append(resized[0].permute(1, 2, 0).reshape(-1, dim).to(features.dtype))
         ys, xs = centre_index(h, rows), centre_index(w, cols)
         keep.append((frame * n + ys[:, None] * w + xs[None, :]).reshape(-1).to(device))
-    info = {"frame_tokens": [r * c for r, c in shapes], "frame_grids": shapes, "weights": quota_weights(scores).tolist()}
+    info = {
+        "frame_tokens": [r * c for r, c in shapes],
+        "frame_grids": shapes,
+        "weights": quota_weights(scores).tolist(),
+    }
     return Compression(keep=torch.cat(keep), values=torch.cat(values), info=info)
 
 
@@ -164,7 +168,7 @@ class QuoTA(Policy):
     """
 
     retain: float = 0.25
-    scorer: Any = None
+    scorer: Any = field(default=None, repr=False, compare=False)
 
     needs = frozenset({"frame_scores"})
     accepts_partial = False
