@@ -363,3 +363,26 @@ def test_question_text_of_each_row_reaches_the_scorer():
     assert [q for _, q in seen] == list(QUESTIONS)
     assert all(shape[1] == 3 for shape, _ in seen)
     assert question_text(torch.tensor([], dtype=torch.long), processor) == ""
+
+
+def test_every_family_hands_the_scorer_its_rows_frames_and_question(family):
+    """The scorer gets each row's question (decoded after the video) and that row's frames as uint8."""
+    model, processor = tiny(family)
+    inputs, _ = reference_inputs(family)
+    seen = []
+
+    class Recording(CLIPScorer):
+        def __call__(self, frames, question):
+            seen.append((frames, question))
+            return super().__call__(frames, question)
+
+    params = dict(slow_frames=1, middle_frames=1, fast_pool=(1, 1), roi=0.5)
+    with tc.compressed(model, "free_video_llm", scorer=Recording(*clip()), processor=processor, **params):
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        records = tc.last_record(model)
+    assert len(seen) == 2 and all(r.video_tokens_after < r.video_tokens_before for r in records)
+    for row, (frames, question) in enumerate(seen):
+        assert question.startswith(QUESTIONS[row])  # Video-LLaVA's template adds "ASSISTANT:" (no end-of-turn token)
+        want = frames_from_pixels(expected_frames(family, model, inputs, row), processor)
+        assert frames.dtype == torch.uint8 and torch.equal(frames.cpu(), want)
