@@ -440,8 +440,8 @@ class LayerRunner:
             with torch.no_grad():
                 self._choose_queries(hidden)
         for k, policy in self.stages:
-            if k == i:
-                hidden = self._apply(k, policy, hidden, kwargs)
+            if k == i:  # an earlier stage's substitutes (shortened position embeddings) are the current ones
+                hidden = self._apply(k, policy, hidden, {**kwargs, **(self.prefill.subst or {})})
         subst = self.prefill.subst
         if subst is None:
             return None
