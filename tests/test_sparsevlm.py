@@ -251,7 +251,7 @@ def test_matches_reference_batch1_and_explicit_schedule():
     )
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "llava_next_video", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava_next_video", "video_llava", "qwen2_vl", "internvl", "smolvlm"])
 def test_other_families_match_the_reference(family):
     keep = (0.25, 0.1)  # Qwen3-VL's two deepstack layers leave room for two stages in a 4-layer model
     _check_sparsevlm(family, "sdpa", 2, {"layers": (2, 3), "keep": keep}, lambda i, n: max(1, math.floor(keep[i] * n + 0.5)))
