@@ -365,3 +365,22 @@ def test_layers_out_of_range_are_refused():
     assert not tc.is_wrapped(model)
     with pytest.raises(TypeError, match="acts inside the language model"):
         tc.build_policy("sparsevlm").compress(None)
+
+
+def test_after_an_input_stage_budgets_follow_the_tokens_that_enter_the_llm():
+    model, _ = model4("qwen2_5_vl", "sdpa")
+    inputs = inputs_for("qwen2_5_vl", "sdpa", 2)
+    with tc.compressed(model, ["uniform", tc.build_policy("sparsevlm", retain=128 / 576)]), torch.no_grad():
+        cached = model(**inputs).logits[:, -1]
+        uncached = model(**inputs, use_cache=False).logits[:, -1]
+        records = tc.last_record(model)
+    torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=0)
+    for rec in records:
+        entered = rec.video_tokens_after
+        stages = list(rec.stages.values())
+        assert stages[0]["visual_before"] == entered
+        for i, stage in enumerate(stages):
+            count = _count(128, i, entered)
+            assert stage["info"]["count"] == count
+            assert stage["visual_after"] == min(stage["visual_before"], count + stage["info"]["merged"])
+            assert i == 0 or stage["visual_before"] == stages[i - 1]["visual_after"]
