@@ -417,7 +417,7 @@ class LayerRunner:
         """``(B, Q)`` current slots of the rows chosen for stage ``k`` (padded with ``last``) and their validity."""
         assert self.prefill is not None
         chosen = self.prefill.chosen[k]
-        b, length = layout.mask.shape
+        b = layout.mask.shape[0]
         device = layout.mask.device
         count = max(c.numel() for c in chosen)
         rows = last[:, None].repeat(1, count)
