@@ -11,6 +11,7 @@ from .holitom import HoliTom
 from .holitom_inner import HoliTomInner
 from .llava_scissor import LlavaScissor
 from .prunevid import PruneVid, PruneVidInner, PruneVidOuter
+from .sparsevlm import SparseVLM
 from .sttm import STTM
 from .ts_llava import TSLLaVA
 from .vidcom2 import VidCom2
@@ -35,6 +36,7 @@ __all__ = [
     "PruneVidInner",
     "PruneVidOuter",
     "RandomKeep",
+    "SparseVLM",
     "STTM",
     "TSLLaVA",
     "Uniform",
