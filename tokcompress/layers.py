@@ -42,7 +42,7 @@ from transformers.masking_utils import create_causal_mask
 from .errors import UnsupportedModelError, UnsupportedUsageError
 from .policy import DecodePolicy, LayerPolicy
 from .record import RowRecord, VideoRecord
-from .tokens import Compression, DecodeTokens, LayerTokens, check_layer_result
+from .tokens import Compression, DecodeTokens, LayerTokens, PromptTokens, check_layer_result, check_query_choice
 
 #: ``register(module, hook)`` installs a forward pre-hook (``with_kwargs=True``) and owns its removal.
 Register = Callable[[nn.Module, Callable[..., Any]], None]
@@ -179,6 +179,8 @@ class _Prefill:
     kv: KVState
     state: Any  # the engine's CacheState (None without cache)
     scores: dict[int, list[Tensor]] = field(default_factory=dict)  # K -> per row (H, Q, N)
+    query_positions: dict[int, list[Tensor]] = field(default_factory=dict)  # K -> per row (Q,) original positions
+    chosen: dict[int, list[Tensor]] = field(default_factory=dict)  # K -> per row compact-prompt slots (queries="chosen")
     subst: dict[str, Any] | None = None  # kwargs substituted in the layers after the last pruning
 
 
@@ -374,6 +376,8 @@ class LayerRunner:
         if queries == "last":
             rows = last[:, None]
             row_ok = torch.ones_like(rows, dtype=torch.bool)
+        elif queries == "chosen":
+            rows, row_ok = self._chosen_rows(i + 1, layout, last)
         elif queries == "after_video":
             after = torch.zeros_like(valid)
             for r in range(b):
@@ -393,18 +397,72 @@ class LayerRunner:
             raise ValueError(f"unknown queries {queries!r} declared by {wanted[0].label}")
         allowed = valid[:, None, :] & (index[None, None, :] <= rows[..., None])
         probs = attention_rows(module, hidden, cos, sin, rows, allowed)  # (B, H, Q, L)
-        per_row = []
+        per_row, query_positions = [], []
         for r in range(b):
             vis = self._visual_slots(layout, r)
             per_row.append(probs[r][:, row_ok[r]][:, :, vis])
+            query_positions.append(self.prefill.kv.slots.positions[r, layout.origin[r, rows[r, row_ok[r]]]])
         k = i + 1
         self.prefill.scores[k] = per_row
+        self.prefill.query_positions[k] = query_positions
+
+    def _choose_queries(self, hidden: Tensor) -> None:
+        """Layer 0's input: the stages with ``queries = "chosen"`` pick their query rows from it, per row."""
+        prefill = self.prefill
+        assert prefill is not None
+        layout = self._current()
+        valid = layout.mask.bool()
+        index = torch.arange(valid.shape[1], device=valid.device)
+        for k, policy in self.stages:
+            if policy.queries != "chosen":
+                continue
+            per_row = []
+            for r in range(valid.shape[0]):
+                vis = self._visual_slots(layout, r)
+                start = int(vis[-1]) + 1 if vis.numel() else 0
+                text = (valid[r] & (index >= start)).nonzero().squeeze(1)
+                if text.numel() == 0:
+                    raise UnsupportedUsageError(
+                        f"{policy.label} chooses its query rows among the tokens after the video, but a prompt ends "
+                        "with its video; put the question after the video"
+                    )
+                origin = layout.origin[r, text]
+                prompt = PromptTokens(
+                    visual=hidden[r, vis], text=hidden[r, text], text_positions=prefill.kv.slots.positions[r, origin]
+                )
+                picked = policy.choose_queries(prompt)
+                check_query_choice(picked, prompt, policy.name)
+                per_row.append(origin[picked.to(origin.device)])
+            prefill.chosen[k] = per_row
+
+    def _chosen_rows(self, k: int, layout: Layout, last: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, Q)`` current slots of the rows chosen for stage ``k`` (padded with ``last``) and their validity."""
+        assert self.prefill is not None
+        chosen = self.prefill.chosen[k]
+        b = layout.mask.shape[0]
+        device = layout.mask.device
+        count = max(c.numel() for c in chosen)
+        rows = last[:, None].repeat(1, count)
+        row_ok = torch.zeros(b, count, dtype=torch.bool, device=device)
+        for r in range(b):
+            slot_now = torch.full((self.prefill.kv.slots.visual.shape[1],), -1, dtype=torch.long, device=device)
+            real = layout.mask[r].bool()
+            slot_now[layout.origin[r, real]] = real.nonzero().squeeze(1)
+            now = slot_now[chosen[r]]
+            if bool((now < 0).any()):
+                raise RuntimeError("a chosen query row was pruned before its stage")  # in-layer stages drop visual tokens only
+            rows[r, : now.numel()] = now
+            row_ok[r, : now.numel()] = True
+        return rows, row_ok
 
     def _prefill_layer(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         assert self.prefill is not None
         hidden = args[0] if args else kwargs["hidden_states"]
+        if i == 0 and any(policy.queries == "chosen" for _, policy in self.stages):
+            with torch.no_grad():
+                self._choose_queries(hidden)
         for k, policy in self.stages:
-            if k == i:  # an earlier stage's substitutes are what this layer would receive
+            if k == i:  # an earlier stage's substitutes (shortened position embeddings) are the current ones
                 hidden = self._apply(k, policy, hidden, {**kwargs, **(self.prefill.subst or {})})
         subst = self.prefill.subst
         if subst is None:
@@ -418,6 +476,7 @@ class LayerRunner:
         assert prefill is not None
         kv, layout = prefill.kv, self._current()
         scores = prefill.scores.pop(k, None)
+        query_positions = prefill.query_positions.pop(k, None)
         if scores is None and policy.queries is not None:
             raise RuntimeError(f"{policy.label}: no attention scores from layer {k - 1} (was that layer skipped?)")
         b = hidden.shape[0]
@@ -437,6 +496,8 @@ class LayerRunner:
                 layer=k,
                 cell=None if kv.slots.cell is None else kv.slots.cell[r, origin],
                 grids=None if kv.slots.grids is None else kv.slots.grids[r],
+                queries=None if query_positions is None else query_positions[r],
+                entered=int(kv.slots.visual[r].sum()),
             )
             start = time.perf_counter()
             result = policy.select(tokens)

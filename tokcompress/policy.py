@@ -13,7 +13,7 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from .tokens import Compression, DecodeChoice, DecodeTokens, LayerTokens, TokenSet
+from .tokens import Compression, DecodeChoice, DecodeTokens, LayerTokens, PromptTokens, TokenSet
 
 #: Where a policy acts. "input": on the language model's input embeddings (before layer 0);
 #: "layer": on the hidden states entering a decoder layer during prefill; "decode": on the KV cache
@@ -129,8 +129,9 @@ class LayerPolicy(Policy):
 
     stage: ClassVar[str] = "layer"
     #: Query rows whose layer ``K - 1`` attention the policy reads: ``"last"`` (the row's last prompt
-    #: token) or ``"after_video"`` (every token after the row's last video token); ``None`` for
-    #: policies that read no attention (nothing is recomputed; ``LayerTokens.attention`` is empty).
+    #: token), ``"after_video"`` (every token after the row's last video token), ``"chosen"`` (the
+    #: rows :meth:`choose_queries` picks among those, once per prefill, from the input embeddings), or
+    #: ``None`` for policies that read no attention (nothing is recomputed; ``LayerTokens.attention`` is empty).
     queries: ClassVar[str | None] = "last"
     #: True when the caches of layers ``< K`` are cut to the survivors as well (PruneVid).
     prune_earlier: ClassVar[bool] = False
@@ -146,6 +147,13 @@ class LayerPolicy(Policy):
     def select(self, tokens: LayerTokens) -> Compression:
         """Choose (and optionally merge) visual tokens; ``keep`` indexes ``tokens``' rows."""
         raise NotImplementedError
+
+    def choose_queries(self, prompt: PromptTokens) -> torch.Tensor:
+        """For ``queries = "chosen"``: sorted indices into ``prompt.text`` of the query rows to score.
+
+        Called once per row at the start of the prefill, on the language model's input embeddings.
+        """
+        raise NotImplementedError(f"{self.name} declares queries='chosen' but does not implement choose_queries")
 
     def compress(self, tokens: TokenSet) -> Compression:
         raise TypeError(

@@ -178,6 +178,9 @@ class LayerTokens:
             (STTM); ``None`` where the engine did not provide it.
         grids: per video of the row, its ``(T, h, w)`` token grid (the ``video`` labels index it).
         attention is empty ``(0, 0, N)`` for policies that read none (``LayerPolicy.queries = None``).
+        queries: ``(Q,)`` int64 original positions of the query rows of ``attention``, or ``None``.
+        entered: visual tokens of the row when the prefill entered the language model (after the
+            input stages, before any in-layer stage): the base of budgets that several stages share.
     """
 
     hidden: Tensor
@@ -189,10 +192,41 @@ class LayerTokens:
     layer: int = 0
     cell: Tensor | None = None
     grids: tuple[tuple[int, int, int], ...] | None = None
+    queries: Tensor | None = None
+    entered: int | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.hidden.shape[0]
+
+
+@dataclass
+class PromptTokens:
+    """One batch row's language-model input embeddings (layer 0's input, after the input stages), for
+    in-layer policies that pick their own query rows from the prompt (``LayerPolicy.queries = "chosen"``).
+
+    Attributes:
+        visual: ``(N, D)`` input embeddings of the row's visual tokens, in sequence order.
+        text: ``(T, D)`` input embeddings of the candidate query rows: every prompt token after the
+            row's last visual token (the question and the chat template's tail), in sequence order.
+        text_positions: ``(T,)`` int64 original positions of the candidates.
+    """
+
+    visual: Tensor
+    text: Tensor
+    text_positions: Tensor
+
+
+def check_query_choice(chosen: Tensor, prompt: PromptTokens, policy: str) -> None:
+    """Raise :class:`PolicyOutputError` unless ``chosen`` is a non-empty sorted, unique subset of the candidates."""
+    where = f"policy {policy!r} chose query rows"
+    n = prompt.text.shape[0]
+    if chosen.dim() != 1 or chosen.dtype != torch.long or chosen.numel() == 0:
+        raise PolicyOutputError(f"{where} of dtype {chosen.dtype} and shape {tuple(chosen.shape)}; expected (Q,) int64, Q >= 1")
+    if chosen.numel() > 1 and not bool((chosen[1:] > chosen[:-1]).all()):
+        raise PolicyOutputError(f"{where} that are not sorted and unique")
+    if int(chosen[0]) < 0 or int(chosen[-1]) >= n:
+        raise PolicyOutputError(f"{where} outside [0, {n})")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from .holitom_inner import HoliTomInner
 from .llava_scissor import LlavaScissor
 from .quota import QuoTA
 from .prunevid import PruneVid, PruneVidInner, PruneVidOuter
+from .sparsevlm import SparseVLM
 from .sttm import STTM
 from .ts_llava import TSLLaVA
 from .vidcom2 import VidCom2
@@ -39,6 +40,7 @@ __all__ = [
     "PruneVidOuter",
     "QuoTA",
     "RandomKeep",
+    "SparseVLM",
     "STTM",
     "TSLLaVA",
     "Uniform",
