@@ -196,10 +196,14 @@ class LayerRunner:
         decode_policy: DecodePolicy | None,
         first_layer: int,
         register: Register,
+        register_post: Register | None = None,
     ) -> None:
         depth = len(layers)
         self.config = config
         self.depth = depth
+        stepped = [p for p in layer_policies if getattr(p, "stepped", False)]  # data-dependent sites (FrameFusion)
+        layer_policies = [p for p in layer_policies if not getattr(p, "stepped", False)]
+        _check_stepped(stepped, layer_policies, decode_policy)
         self.stages: list[tuple[int, LayerPolicy]] = []
         for policy in layer_policies:
             k = self._check_layer(policy, policy.resolve_layer(depth), first_layer, policy.layer_explicit())
@@ -231,6 +235,11 @@ class LayerRunner:
             register(layer, self._layer_hook(i))
         for i in sorted(probed):
             register(self.attn[i], self._attention_hook(i))
+        self.sites = None
+        if stepped:
+            from .framefusion_sites import FrameFusionSites
+
+            self.sites = FrameFusionSites(self, stepped[0], layers, first_layer, register, register_post)
 
     def _check_layer(self, policy: Any, k: int, first: int, explicit: bool) -> int:
         if not 1 <= k < self.depth:
@@ -275,6 +284,8 @@ class LayerRunner:
         self.prefill = _Prefill(cache=cache, kv=kv, state=state)
         if state is not None:
             state.kv = kv
+        if self.sites is not None:
+            self.sites.begin(slot_of, videos, mask)
 
     def begin_step(self, cache: Cache, state: Any, new_cols: Tensor) -> None:
         """A decode step through a cache whose prefill this runner shaped."""
@@ -592,6 +603,18 @@ class LayerRunner:
             layouts.append(Layout(layout.start, layout.origin.gather(1, index), slot_valid.long()))
         kv.layouts = layouts
         step.masks.clear()
+
+
+def _check_stepped(stepped: list[LayerPolicy], others: list[LayerPolicy], decode: DecodePolicy | None) -> None:
+    """A policy with data-dependent sites (FrameFusion) runs alone inside the language model."""
+    if not stepped:
+        return
+    if len(stepped) > 1 or others or decode is not None:
+        labels = [p.label for p in [*stepped, *others, *([decode] if decode is not None else [])]]
+        raise UnsupportedUsageError(
+            f"{stepped[0].label} acts at data-dependent layers and cannot be combined with other in-layer or "
+            f"decode-time policies ({labels}); chain it with input-stage policies only"
+        )
 
 
 def _gather_seq(t: Tensor, index: Tensor) -> Tensor:
