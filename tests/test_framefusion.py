@@ -367,12 +367,18 @@ def test_num_layers_none_takes_the_model_depth():
         ({"ratio_lower_bound": 1.1}, "ratio_lower_bound must be"),
         ({"num_layers": 0}, "num_layers must be"),
         ({"num_layers": 2.5}, "num_layers must be"),
-        ({"retain": 0.5}, "takes no retain"),
+        ({"retain": 0.5, "cost": 0.3}, "retain is another name for cost"),
+        ({"retain": 0.0}, "retain must be"),
     ],
 )
 def test_bad_parameters_are_named(params, match):
     with pytest.raises(ValueError, match=match):
         tc.build_policy("framefusion", **params)
+
+
+def test_retain_is_cost():
+    assert FrameFusion(retain=0.25).cost == 0.25 and FrameFusion().cost == 0.3 == FrameFusion().retain
+    assert FrameFusion(retain=0.4, cost=0.4).cost == 0.4
 
 
 def test_refuses_other_in_llm_stages_and_deepstack():

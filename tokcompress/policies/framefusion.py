@@ -34,7 +34,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from ..policy import LayerPolicy
+from ..policy import LayerPolicy, check_retain
 from ..registry import register
 from ..tokens import LayerTokens
 from .fastv import top_indices
@@ -238,19 +238,22 @@ class FrameFusion(LayerPolicy):
 
     Args:
         cost: target mean fraction of visual tokens per call, over ``num_layers`` calls (0.3 in the
-            reference; the FLOPs budget). In ``(0, 1]``.
+            reference: its "70% reduction"; the FLOPs budget). In ``(0, 1]``.
         similarity_lower_bound: a token merges into its slot predecessor when their cosine is
             ``>=`` this (0.6). Values above 1 disable merging.
         ratio_lower_bound: merging stops once a call's candidate fraction is below this (0.1), in ``[0, 1]``.
         num_layers: the depth the budget is spread over. 28 (default) is the reference's hard-coded
             value, used upstream whatever the model's depth; ``None`` takes the wrapped model's depth
             (the two agree on 28-layer models such as Qwen2-7B).
+        retain: another name for ``cost`` (the fraction of visual tokens kept, averaged over the
+            layers), so that ``tc.wrap(model, "framefusion", retain=0.3)`` works like every policy;
+            give one of the two.
 
-    ``retain`` is not a parameter: how many tokens remain is data-dependent.
+    How many tokens remain at the end is data-dependent.
     """
 
     retain: float | None = None  # type: ignore[assignment]
-    cost: float = 0.3
+    cost: float | None = None
     similarity_lower_bound: float = 0.6
     ratio_lower_bound: float = 0.1
     num_layers: int | None = REFERENCE_NUM_LAYERS
@@ -260,11 +263,14 @@ class FrameFusion(LayerPolicy):
 
     def __post_init__(self) -> None:
         if self.retain is not None:
-            raise ValueError(
-                "framefusion takes no retain: the kept fraction follows from cost, similarity_lower_bound and "
-                f"ratio_lower_bound; got retain={self.retain!r}"
-            )
-        self.cost = _check_fraction(self.cost, "cost", 0.0, 1.0, closed_low=False)
+            retain = check_retain(self.retain)
+            if self.cost is not None and self.cost != retain:
+                raise ValueError(
+                    f"framefusion: retain is another name for cost; got retain={self.retain!r} and cost={self.cost!r}, give one"
+                )
+            self.cost = self.retain = retain
+        self.cost = _check_fraction(0.3 if self.cost is None else self.cost, "cost", 0.0, 1.0, closed_low=False)
+        self.retain = self.cost
         sim = self.similarity_lower_bound
         if isinstance(sim, bool) or not isinstance(sim, (int, float)) or not sim >= -1.0 or sim != sim or sim == float("inf"):
             raise ValueError(f"similarity_lower_bound must be a finite number >= -1 (a cosine bound); got {sim!r}")
