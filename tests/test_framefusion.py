@@ -226,6 +226,15 @@ SCHEDULES = {
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 @pytest.mark.parametrize("family, batch", [("llava_onevision", 2), ("llava_onevision", 1), ("qwen2_vl", 2)])
 def test_matches_manual_layer_by_layer_reference(family, batch, schedule):
+    _check_against_reference(family, batch, schedule)
+
+
+@pytest.mark.parametrize("family", ["llava_next_video", "video_llava", "qwen2_5_vl", "internvl", "smolvlm"])
+def test_other_families_match_the_reference(family):
+    _check_against_reference(family, 2, "merge_then_prune")
+
+
+def _check_against_reference(family: str, batch: int, schedule: str) -> None:
     model, _ = model4(family)
     inputs = inputs_for(family, batch)
     if batch == 2:
