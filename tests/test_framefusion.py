@@ -12,21 +12,25 @@ cases (tests/test_golden.py) pin the pure steps to the reference code.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import pytest
 import torch
+from conftest import QUESTIONS, _videos
+from kv_reference import _additive, _grid_positions, eager
+from reference import capture_lm_inputs, row_inputs
 from torch import Tensor
 from transformers import DynamicCache
 
 import tokcompress as tc
 from tokcompress.errors import UnsupportedModelError, UnsupportedUsageError
-from tokcompress.policies.framefusion import FrameFusion, FrameFusionBudgetError, pruning_ratio_needed
+from tokcompress.policies.framefusion import (
+    FrameFusion,
+    FrameFusionBudgetError,
+    pruning_ratio_needed,
+)
 from tokcompress.tiny import build, make_inputs
-
-from conftest import QUESTIONS, _videos
-from kv_reference import _additive, _grid_positions, eager
-from reference import capture_lm_inputs, row_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +45,7 @@ DEPTH = 4
 STEPS = 6
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model4(family: str = "llava_onevision", attn: str = "sdpa"):
     return build(family, attn_implementation=attn, num_hidden_layers=DEPTH)
 
@@ -74,7 +78,7 @@ def ref_merge(h: Tensor, keys: list[int], bound: float, ub: float) -> tuple[list
         chains.setdefault(key, []).append(t)
     sim: dict[int, float] = {}
     for members in chains.values():
-        for a, b in zip(members, members[1:]):
+        for a, b in itertools.pairwise(members):
             x, y = h[a].double(), h[b].double()
             sim[b] = float(x @ y / (x.norm() * y.norm()))
     above = {t for t, s in sim.items() if s >= bound}
@@ -311,7 +315,7 @@ def test_keep_all_is_bit_identical(family, attn, batch):
 
 def _prune_kept(questions: tuple[str, str]) -> list[Tensor]:
     model, processor = model4()
-    video = list(_videos())[0]
+    video = _videos()[0]
     kept = []
     for q in questions:
         inputs = dict(make_inputs(processor, [video], [q]))
@@ -328,7 +332,7 @@ def test_prune_depends_on_the_question_merges_do_not():
     (m1, p1), (m2, p2) = _prune_kept((QUESTIONS[0], "Which colour dominates the last frame of this clip?"))
     assert len(m1) == len(m2) and all(torch.equal(a, b) for a, b in zip(m1, m2)), "merges read only the video tokens"
     assert not torch.equal(p1, p2), "the prune step reads the last prompt token's attention"
-    (s1, q1), (s2, q2) = _prune_kept((QUESTIONS[0], QUESTIONS[0]))
+    (_, q1), (_, q2) = _prune_kept((QUESTIONS[0], QUESTIONS[0]))
     assert torch.equal(q1, q2)
 
 
@@ -350,9 +354,12 @@ def test_cost_too_small_is_a_clear_error():
         pruning_ratio_needed([0.0] * 4, 1.0, num_layers=4)  # no call left
     model, _ = model4()
     inputs = inputs_for("llava_onevision", 1)
-    with tc.compressed(model, "framefusion", similarity_lower_bound=0.99, num_layers=2), torch.no_grad():
-        with pytest.raises(FrameFusionBudgetError, match="raise cost"):
-            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    with (
+        tc.compressed(model, "framefusion", similarity_lower_bound=0.99, num_layers=2),
+        torch.no_grad(),
+        pytest.raises(FrameFusionBudgetError, match="raise cost"),
+    ):
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
 
 
 def test_num_layers_none_takes_the_model_depth():
@@ -405,7 +412,7 @@ def test_chains_after_an_input_stage():
     inputs = inputs_for("llava_onevision", 2)
     chain = tc.Sequential([tc.build_policy("uniform", retain=0.5), FrameFusion(similarity_lower_bound=0.95)])
     with tc.compressed(model, chain):
-        _, tokens = _generate(model, inputs, 2)
+        _generate(model, inputs, 2)
         record = tc.last_record(model)
     for row in record:
         calls = _calls(row)

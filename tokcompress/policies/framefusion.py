@@ -28,8 +28,10 @@ policy object; ``tokcompress/framefusion_sites.py`` drives them inside a model.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -200,7 +202,7 @@ def framefusion_prune(attention: Tensor, sparsity: Sequence[float], cost: float,
     """
     ratio = pruning_ratio_needed(sparsity, cost, num_layers)
     n = attention.shape[0]
-    count = min(n, int(round(n * (1 - ratio))))
+    count = min(n, round(n * (1 - ratio)))  # Python round: half to even
     return PruneStep(top_indices(attention.float(), count), ratio)
 
 
@@ -272,7 +274,7 @@ class FrameFusion(LayerPolicy):
         self.cost = _check_fraction(0.3 if self.cost is None else self.cost, "cost", 0.0, 1.0, closed_low=False)
         self.retain = self.cost
         sim = self.similarity_lower_bound
-        if isinstance(sim, bool) or not isinstance(sim, (int, float)) or not sim >= -1.0 or sim != sim or sim == float("inf"):
+        if isinstance(sim, bool) or not isinstance(sim, (int, float)) or not math.isfinite(sim) or sim < -1.0:
             raise ValueError(f"similarity_lower_bound must be a finite number >= -1 (a cosine bound); got {sim!r}")
         self.similarity_lower_bound = float(sim)
         self.ratio_lower_bound = _check_fraction(self.ratio_lower_bound, "ratio_lower_bound", 0.0, 1.0)
