@@ -202,8 +202,7 @@ def test_sttm_retain_and_refusals():
         assert out.keep.numel() <= keep_count(retain, 196)
     full = STTM(retain=1.0)(tokens)
     assert full.keep.numel() == 196 and full.values is None
-    with pytest.raises(UnsupportedUsageError, match="in-layer"):
-        STTM(start_layer=2)
+    assert STTM(start_layer=2).stages()[0].stage == "layer"  # in-layer: tests/test_sttm_layer.py
     with pytest.raises(ValueError, match="sa_tree_root_level"):
         STTM(sa_tree_root_level=-1)
 

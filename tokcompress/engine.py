@@ -120,7 +120,9 @@ class Session:
                     decode_policies[0] if decode_policies else None,
                     adapter.first_prunable_layer(model),
                     self._register_pre,
-                    self._register_post,
+                    rotary=getattr(self.lm, "rotary_emb", None),  # compacted in-layer positions recompute cos/sin
+                    positions=adapter.positions,
+                    register_post=self._register_post,
                 )
         except BaseException:
             self._stack.close()

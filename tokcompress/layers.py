@@ -13,7 +13,11 @@ the decoder layers and on the attention modules of the layers whose attention a 
   ``position_ids`` are gathered at the survivors (original positions kept), rows are left-padded to a
   common length, and a new mask is built with ``create_causal_mask(..., layer_idx=K)``. Later layers
   get the same substitutes (the model's loop keeps passing the full-length ones). Policies that
-  ``prune_earlier`` also cut the caches already written by layers ``< K``.
+  ``prune_earlier`` also cut the caches already written by layers ``< K``. A policy with
+  ``positions == "compacted"`` (1-D positions) has layers ``>= K`` renumber the survivors
+  consecutively (each loses the count of tokens removed before it), with cos/sin recomputed by the
+  language model's own rotary module; at decode steps those layers take the step's position minus
+  the row's removed count, while layers ``< K`` keep the logical positions.
 * **Decode** (every step after a prefill through such a cache): each run of layers whose cache has a
   different physical layout gets its own 2-D mask ``[prompt layout | generated columns]``, turned
   into the backend's mask with ``create_causal_mask(..., layer_idx=i)``. A decode-time policy scores
@@ -152,6 +156,8 @@ class SlotInfo:
     video: Tensor  # long: video index within the row (-1 off video)
     frame: Tensor  # long: temporal grid index within the video (-1 off video)
     group: Tensor | None  # long: input-stage group label (-1 off video), None when no stage set groups
+    cell: Tensor | None = None  # long: flat index t*h*w + y*w + x in the video's grid (-1 off video)
+    grids: list[tuple[tuple[int, int, int], ...]] | None = None  # per row, (T, h, w) of each video
 
 
 @dataclass
@@ -164,6 +170,7 @@ class KVState:
     memory: list[Any] = field(default_factory=list)  # decode policy memory, per row
     steps: int = 0
     fingerprint: Tensor | None = None  # (B, H_kv, d) last layer's key of the last decoded token, per row
+    shifts: list[tuple[int, Tensor]] = field(default_factory=list)  # (K, (B,) removed) of compacting stages
 
 
 @dataclass
@@ -182,6 +189,7 @@ class _Step:
     new_cols: Tensor  # (B, generated + 1) logical mask columns after the prompt
     dropped: Tensor | None = None  # (B, L0) bool: compact-prompt slots masked for layers >= L this step
     masks: dict[tuple[int, bool], Any] = field(default_factory=dict)
+    moved: dict[int, dict[str, Any]] = field(default_factory=dict)  # compacting stages passed -> position kwargs
 
 
 class LayerRunner:
@@ -196,6 +204,8 @@ class LayerRunner:
         decode_policy: DecodePolicy | None,
         first_layer: int,
         register: Register,
+        rotary: nn.Module | None = None,
+        positions: str = "1d",
         register_post: Register | None = None,
     ) -> None:
         depth = len(layers)
@@ -204,9 +214,21 @@ class LayerRunner:
         stepped = [p for p in layer_policies if getattr(p, "stepped", False)]  # data-dependent sites (FrameFusion)
         layer_policies = [p for p in layer_policies if not getattr(p, "stepped", False)]
         _check_stepped(stepped, layer_policies, decode_policy)
+        self.rotary = rotary  # the language model's rotary module: cos/sin for compacted positions
         self.stages: list[tuple[int, LayerPolicy]] = []
         for policy in layer_policies:
             k = self._check_layer(policy, policy.resolve_layer(depth), first_layer, policy.layer_explicit())
+            if _compacts(policy):
+                if positions != "1d" or rotary is None:
+                    raise UnsupportedUsageError(
+                        f"{policy.label}: positions='compacted' renumbers 1-D position ids inside the language model; "
+                        f"this model uses {'M-RoPE' if positions == 'mrope' else positions!r} positions"
+                        f"{'' if rotary is not None else ' or has no rotary_emb module'}; use positions='kept'"
+                    )
+                if policy.prune_earlier:
+                    raise UnsupportedUsageError(
+                        f"{policy.label}: positions='compacted' cannot renumber the caches of earlier layers; use positions='kept'"
+                    )
             self.stages.append((k, policy))
         self.stages.sort(key=lambda s: s[0])
         ks = [k for k, _ in self.stages]
@@ -219,7 +241,7 @@ class LayerRunner:
                 decode_policy, decode_policy.resolve_layer(depth), 1, decode_policy.layer_explicit()
             )
         self.attn = [attention(layer) for layer in layers]
-        probed = {k - 1 for k in ks}  # attention modules whose q/k the runner reads
+        probed = {k - 1 for k, p in self.stages if p.queries is not None}  # attention modules whose q/k the runner reads
         if decode_policy is not None:
             probed |= {self.decode_layer - 1, depth - 1}  # the last layer fingerprints rows (_check_row_order)
         for i in sorted(probed):
@@ -349,7 +371,7 @@ class LayerRunner:
     @torch.no_grad()
     def _prefill_scores(self, i: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         assert self.prefill is not None
-        wanted = [p for k, p in self.stages if k - 1 == i]
+        wanted = [p for k, p in self.stages if k - 1 == i and p.queries is not None]
         if not wanted:
             return
         hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -393,8 +415,8 @@ class LayerRunner:
         assert self.prefill is not None
         hidden = args[0] if args else kwargs["hidden_states"]
         for k, policy in self.stages:
-            if k == i:
-                hidden = self._apply(k, policy, hidden, kwargs)
+            if k == i:  # an earlier stage's substitutes are what this layer would receive
+                hidden = self._apply(k, policy, hidden, {**kwargs, **(self.prefill.subst or {})})
         subst = self.prefill.subst
         if subst is None:
             return None
@@ -407,7 +429,7 @@ class LayerRunner:
         assert prefill is not None
         kv, layout = prefill.kv, self._current()
         scores = prefill.scores.pop(k, None)
-        if scores is None:
+        if scores is None and policy.queries is not None:
             raise RuntimeError(f"{policy.label}: no attention scores from layer {k - 1} (was that layer skipped?)")
         b = hidden.shape[0]
         keep = layout.mask.bool().clone()
@@ -418,12 +440,14 @@ class LayerRunner:
             origin = layout.origin[r, vis]
             tokens = LayerTokens(
                 hidden=hidden[r, vis],
-                attention=scores[r],
+                attention=scores[r] if scores is not None else hidden.new_zeros(0, 0, vis.numel(), dtype=torch.float32),
                 positions=kv.slots.positions[r, origin],
                 video=kv.slots.video[r, origin],
                 frame=kv.slots.frame[r, origin],
                 group=None if kv.slots.group is None else kv.slots.group[r, origin],
                 layer=k,
+                cell=None if kv.slots.cell is None else kv.slots.cell[r, origin],
+                grids=None if kv.slots.grids is None else kv.slots.grids[r],
             )
             start = time.perf_counter()
             result = policy.select(tokens)
@@ -449,10 +473,21 @@ class LayerRunner:
         new_layout = Layout(k, layout.origin.gather(1, index), slot_valid.long())
         subst: dict[str, Any] = {}
         cos, sin = kwargs["position_embeddings"]
-        subst["position_embeddings"] = tuple(_gather_seq(t, index) for t in (cos, sin))
         position_ids = kwargs.get("position_ids")
-        if isinstance(position_ids, Tensor) and position_ids.shape[-1] == keep.shape[1]:
-            subst["position_ids"] = _gather_seq(position_ids, index)
+        if _compacts(policy):
+            if not isinstance(position_ids, Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] != keep.shape[1]:
+                raise UnsupportedModelError(
+                    f"{policy.label}: positions='compacted' needs the (B, L) position_ids the language model passes to "
+                    f"its decoder layers; layer {k} got {None if position_ids is None else tuple(position_ids.shape)}"
+                )
+            removed = (layout.mask.bool() & ~keep).long()  # real slots this stage removes
+            subst["position_ids"] = _gather_seq(position_ids, index) - removed.cumsum(1).gather(1, index)
+            subst["position_embeddings"] = self.rotary(new_hidden, subst["position_ids"])
+            kv.shifts.append((k, removed.sum(1)))
+        else:
+            subst["position_embeddings"] = tuple(_gather_seq(t, index) for t in (cos, sin))
+            if isinstance(position_ids, Tensor) and position_ids.shape[-1] == keep.shape[1]:
+                subst["position_ids"] = _gather_seq(position_ids, index)
         subst["attention_mask"] = create_causal_mask(
             config=self.config,
             inputs_embeds=new_hidden,
@@ -570,8 +605,9 @@ class LayerRunner:
             step.dropped = None
         layout = self._layout_of(kv, i)
         masked = step.dropped is not None and self.decode is not None and i >= self.decode_layer
+        moved = self._decode_positions(step, i, args, kwargs)
         if layout.start == 0 and not masked:
-            return None
+            return (args, {**kwargs, **moved}) if moved else None
         key = (layout.start, masked)
         if key not in step.masks:
             prefix = layout.mask
@@ -583,7 +619,24 @@ class LayerRunner:
             step.masks[key] = create_causal_mask(
                 config=self.config, inputs_embeds=hidden, attention_mask=mask2d, cache=step.cache, layer_idx=i
             )
-        return args, {**kwargs, "attention_mask": step.masks[key]}
+        return args, {**kwargs, **moved, "attention_mask": step.masks[key]}
+
+    def _decode_positions(self, step: _Step, i: int, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Position kwargs of layer ``i`` at a decode step: the step's position minus what compacting stages removed."""
+        shifts = [shift for k, shift in step.kv.shifts if k <= i]
+        if not shifts:
+            return {}
+        if len(shifts) not in step.moved:
+            position_ids = kwargs.get("position_ids")
+            if not isinstance(position_ids, Tensor) or position_ids.dim() != 2:
+                raise UnsupportedModelError(
+                    f"compacted positions need the (B, q) position_ids the language model passes to decoder layer {i}"
+                )
+            ids = position_ids - sum(shifts).to(position_ids.device)[:, None]
+            hidden = args[0] if args else kwargs["hidden_states"]
+            assert self.rotary is not None
+            step.moved[len(shifts)] = {"position_ids": ids, "position_embeddings": self.rotary(hidden, ids)}
+        return step.moved[len(shifts)]
 
     def _evict(self, step: _Step, dropped: Tensor) -> None:
         """Remove the ``dropped`` prompt entries from the caches of layers ``>= L`` for good."""
@@ -615,6 +668,9 @@ def _check_stepped(stepped: list[LayerPolicy], others: list[LayerPolicy], decode
             f"{stepped[0].label} acts at data-dependent layers and cannot be combined with other in-layer or "
             f"decode-time policies ({labels}); chain it with input-stage policies only"
         )
+def _compacts(policy: LayerPolicy) -> bool:
+    """True for an in-layer policy that renumbers the survivors (``positions == "compacted"``)."""
+    return getattr(policy, "positions", "kept") == "compacted"
 
 
 def _gather_seq(t: Tensor, index: Tensor) -> Tensor:
@@ -661,6 +717,7 @@ def _slot_info(mask: Tensor, slot_of: Tensor, videos: list[list[VideoRecord]]) -
     video = torch.full((b, length), -1, dtype=torch.long, device=device)
     frame = torch.full_like(video, -1)
     group = torch.full_like(video, -1)
+    cell = torch.full_like(video, -1)
     has_groups = False
     positions = torch.full_like(video, -1)
     for r in range(b):
@@ -673,12 +730,14 @@ def _slot_info(mask: Tensor, slot_of: Tensor, videos: list[list[VideoRecord]]) -
             visual[r, slots] = True
             video[r, slots] = v
             frame[r, slots] = rec.keep // (rec.grid[1] * rec.grid[2])
+            cell[r, slots] = rec.keep.to(device)
             groups = rec.info.get("token_groups")  # (K,) int64 label per kept token, set by an input stage
             if isinstance(groups, Tensor) and groups.shape == rec.keep.shape:
                 has_groups = True
                 group[r, slots] = groups.to(device) + offset
                 offset += int(groups.max()) + 1 if groups.numel() else 0
-    return SlotInfo(visual, positions, video, frame, group if has_groups else None)
+    grids = [tuple(tuple(int(n) for n in rec.grid) for rec in row) for row in videos]
+    return SlotInfo(visual, positions, video, frame, group if has_groups else None, cell, grids)
 
 
 __all__ = ["LayerRunner", "attention_rows", "cache_bytes", "cache_lengths", "compact_index"]

@@ -120,13 +120,16 @@ class LayerPolicy(Policy):
 
     The engine computes the attention of layer ``K - 1`` for the query rows named by ``queries`` and
     hands the row's visual tokens to :meth:`select` as a :class:`~tokcompress.tokens.LayerTokens`;
-    layers ``>= K`` then run on the survivors (original positions kept) and cache only them.
+    layers ``>= K`` then run on the survivors and cache only them. Survivors keep their original
+    positions, unless the policy has ``positions == "compacted"`` (1-D positions only): then layers
+    ``>= K`` see the shortened sequence renumbered consecutively, with rotary embeddings recomputed.
     """
 
     stage: ClassVar[str] = "layer"
     #: Query rows whose layer ``K - 1`` attention the policy reads: ``"last"`` (the row's last prompt
-    #: token) or ``"after_video"`` (every token after the row's last video token).
-    queries: ClassVar[str] = "last"
+    #: token) or ``"after_video"`` (every token after the row's last video token); ``None`` for
+    #: policies that read no attention (nothing is recomputed; ``LayerTokens.attention`` is empty).
+    queries: ClassVar[str | None] = "last"
     #: True when the caches of layers ``< K`` are cut to the survivors as well (PruneVid).
     prune_earlier: ClassVar[bool] = False
 

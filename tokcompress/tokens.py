@@ -173,6 +173,11 @@ class LayerTokens:
             ``Compression.info["token_groups"]``, one per kept token; PruneVid's static/dynamic groups),
             or ``None`` when the input stage defined none.
         layer: ``K``.
+        cell: ``(N,)`` int64 flat index ``t*h*w + y*w + x`` of each token in its video's frame grid
+            (so ``t``, ``y``, ``x`` follow from ``grids``), for policies that need the spatial layout
+            (STTM); ``None`` where the engine did not provide it.
+        grids: per video of the row, its ``(T, h, w)`` token grid (the ``video`` labels index it).
+        attention is empty ``(0, 0, N)`` for policies that read none (``LayerPolicy.queries = None``).
     """
 
     hidden: Tensor
@@ -182,6 +187,8 @@ class LayerTokens:
     frame: Tensor
     group: Tensor | None = None
     layer: int = 0
+    cell: Tensor | None = None
+    grids: tuple[tuple[int, int, int], ...] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -23,21 +23,29 @@ Algorithm, on the ``(T, h, w, D)`` video tokens:
    always the connected components of the merged pairs); a group's value is the plain mean of its
    nodes and it takes the box of its earliest node.
 
-Positions. Each output token takes the position of the top-left patch of its box (the reference's
-``merged_token_1d_idx``). By default tokcompress keeps that token's original position id; the
-reference renumbers the shortened sequence consecutively (``position_ids[:, :M]``), which
-``positions="compacted"`` reproduces on families with 1-D positions (prefill 0..M'-1, decoding goes on
-from there). ``assign`` maps every patch to the output token its node was merged into.
-
 Where it acts. ``start_layer`` (``sa_start_layer_idx``) is the decoder layer whose input hidden
-states are merged; 0 merges the language model's input embeddings (what the reference does for
-72B models). The reference uses 2 for 7B models; layers > 0 need the engine's in-layer stage.
+states are merged: 0 merges the language model's input embeddings (the reference's setting for 72B
+models), ``K > 0`` (2 for the reference's 7B models) merges, at prefill, the hidden states entering
+layer ``K`` (:class:`STTMLayer`, an in-layer stage): layers ``< K`` run on, and cache, the full
+sequence; layers ``>= K`` run on, and cache, the merged one, as in the reference.
+
+Positions. Each output token sits at the place of the top-left patch of its box (the reference's
+``merged_token_1d_idx``); ``assign`` maps every patch to the output token its node was merged into.
+``positions="kept"`` (default): each output token keeps that patch's original position id.
+``positions="compacted"`` (the reference, 1-D position families): the sequence from the merge on is
+renumbered consecutively (``position_ids[:, :M]``). At ``start_layer=0`` every layer sees ``0..M-1``
+and decoding continues at ``M``; at ``K > 0`` layers ``< K`` keep ``0..L-1``, layers ``>= K`` see
+``0..M-1`` (cos/sin recomputed with the language model's rotary module) and a decoded token at
+logical position ``L + s`` takes ``M + s`` in layers ``>= K`` and ``L + s`` in layers ``< K``, so both
+halves stay contiguous. (The reference takes every decode position from its generate loop, which
+does not know about the merge.) M-RoPE families: ``compacted`` is refused at ``K > 0``; at
+``start_layer=0`` they keep the original ids.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -46,9 +54,9 @@ from torch import Tensor
 
 from ..budget import fit_threshold
 from ..errors import UnsupportedUsageError
-from ..policy import Policy, check_positions, check_retain, keep_count
+from ..policy import LayerPolicy, Policy, check_positions, check_retain, keep_count
 from ..registry import register
-from ..tokens import Compression, TokenSet, selection
+from ..tokens import Compression, LayerTokens, TokenSet, selection
 
 
 def pyramid_sizes(h: int, w: int) -> list[tuple[int, int]]:
@@ -354,13 +362,16 @@ class STTM(Policy):
         sa_tree_temporal_thresh: temporal threshold (default 0.65); ``<= 0`` disables temporal merging.
         sa_tree_root_level: pyramid level where the trees start (index into the sizes, coarsest
             first; 1 in the reference's scripts); clamped to the finest level for small grids.
-        start_layer: ``sa_start_layer_idx``, the decoder layer whose input is merged. 0 (before the
-            language model) is supported; the reference's 2 for 7B models needs in-layer merging.
+        start_layer: ``sa_start_layer_idx``, the decoder layer whose input is merged: 0 (default:
+            the input embeddings) or ``K >= 1`` (the reference's 2 for 7B models: the hidden states
+            entering layer ``K`` at prefill; must be below the model's depth, and past Qwen3-VL's
+            deepstack layers).
         positions: ``"kept"`` (default: survivors keep their original position ids) or ``"compacted"``
-            (renumbered consecutively, as the reference does; 1-D positions only).
+            (renumbered consecutively, as the reference does; 1-D positions only, see the module notes).
 
     The reference assumes square frames; any ``h x w`` grid works here (Qwen-VL temporal grids count
-    as frames). Needs the full grid, so it must come first in a chain.
+    as frames). Needs the full grid, so it must come first in a chain (at ``K > 0`` no input stage
+    may drop tokens before it).
     """
 
     retain: float | None = None  # type: ignore[assignment]
@@ -384,28 +395,40 @@ class STTM(Policy):
             raise ValueError(f"sa_tree_root_level must be an int >= 0; got {self.sa_tree_root_level!r}")
         if isinstance(self.start_layer, bool) or not isinstance(self.start_layer, int) or self.start_layer < 0:
             raise ValueError(f"start_layer must be an int >= 0 (a decoder layer index); got {self.start_layer!r}")
-        if self.start_layer > 0:
-            raise UnsupportedUsageError(
-                f"sttm with start_layer={self.start_layer} merges hidden states inside the language model, which needs "
-                "the engine's in-layer stage (not available in this build); use start_layer=0 (merge the input embeddings)"
-            )
 
     @property
     def label(self) -> str:
         if self.retain is not None:
-            return f"{self.name}(retain={self.retain:g})"
-        return f"{self.name}(tree={self.sa_tree_thresh:g}, temporal={self.sa_tree_temporal_thresh:g})"
+            text = f"retain={self.retain:g}"
+        else:
+            text = f"tree={self.sa_tree_thresh:g}, temporal={self.sa_tree_temporal_thresh:g}"
+        if self.start_layer > 0:
+            text += f", layer={self.start_layer}"
+        return f"{self.name}({text})"
+
+    def stages(self) -> list[Policy]:
+        """Itself at ``start_layer=0``; else the in-layer stage that merges at the input of that layer."""
+        return [self] if self.start_layer == 0 else [STTMLayer(self)]
 
     def compress(self, tokens: TokenSet) -> Compression:
+        """The merge of a video's input tokens (also what the in-layer stage applies to hidden states)."""
         tokens.require_full(self.name)
         if self.retain == 1.0:
             return selection(tokens.available_index(), info={"offset": None})
-        feats = tokens.grid_features()
+        res, offset = self.merge(tokens.grid_features())
+        info = {"offset": offset, "nodes": int(res.node_tlbr.shape[0]), "tlbr": res.tlbr}
+        return Compression(
+            keep=res.keep, values=res.tokens.to(tokens.features.dtype), assign=res.assign, info=info
+        )
+
+    def merge(self, feats: Tensor) -> tuple[STTMResult, float]:
+        """STTM on one video's ``(T, h, w, D)`` features; with ``retain``, the threshold offset found for it too."""
+        t, h, w, _ = feats.shape
         tree_t = float(self.sa_tree_thresh)
         temporal = float(self.sa_tree_temporal_thresh) if self.sa_tree_temporal_thresh > 0 else None
         offset = 0.0
         if self.retain is not None:
-            budget = keep_count(self.retain, tokens.num_tokens)
+            budget = keep_count(self.retain, t * h * w)
             lowest = tree_t if temporal is None else min(tree_t, temporal)
 
             pyramid = build_pyramid(feats.float(), self.sa_tree_root_level)
@@ -416,10 +439,81 @@ class STTM(Policy):
 
             offset = fit_threshold(count, budget, -1.01 - max(tree_t, temporal or tree_t), 1.01 - lowest, steps=14)
         res = sttm(feats, tree_t + offset, None if temporal is None else temporal + offset, self.sa_tree_root_level)
-        info = {"offset": offset, "nodes": int(res.node_tlbr.shape[0]), "tlbr": res.tlbr}
-        return Compression(
-            keep=res.keep, values=res.tokens.to(tokens.features.dtype), assign=res.assign, info=info
-        )
+        assert isinstance(res, STTMResult)
+        return res, offset
 
 
-__all__ = ["STTM", "build_pyramid", "build_quadtree", "descend", "nested_pairs", "pyramid_sizes", "representatives", "sttm"]
+@dataclass
+class STTMLayer(LayerPolicy):
+    """The in-layer stage ``STTM(start_layer=K)`` (``K > 0``) runs as: STTM on the hidden states entering layer ``K``.
+
+    Each video of the row is merged on its own with :meth:`STTM.merge`, exactly as at the input; each
+    merged token replaces the hidden state at its top-left patch and the other patches leave the
+    sequence. No attention is read. A row's tokens stay unchanged (bit-identical) when nothing merges.
+
+    Args:
+        settings: the :class:`STTM` policy whose thresholds, ``start_layer`` and ``positions`` apply.
+    """
+
+    settings: STTM = field(default_factory=STTM)
+    retain: float | None = field(init=False, default=None)  # type: ignore[assignment]
+
+    name: ClassVar[str] = "sttm"
+    queries: ClassVar[str | None] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.settings, STTM):
+            raise TypeError(f"settings must be an STTM policy; got {type(self.settings).__name__}")
+        self.retain = self.settings.retain
+
+    @property
+    def positions(self) -> str:
+        return self.settings.positions
+
+    @property
+    def label(self) -> str:
+        return self.settings.label
+
+    def resolve_layer(self, depth: int) -> int:
+        return self.settings.start_layer
+
+    def layer_explicit(self) -> bool:
+        return True
+
+    def select(self, tokens: LayerTokens) -> Compression:
+        n, device = tokens.num_tokens, tokens.hidden.device
+        everything = torch.arange(n, device=device)
+        if self.settings.retain == 1.0 or n == 0:
+            return selection(everything)
+        if tokens.cell is None or tokens.grids is None:
+            raise UnsupportedUsageError(f"{self.label} needs each token's place in its frame grid (LayerTokens.cell, grids)")
+        parts: list[tuple[Tensor, STTMResult]] = []
+        offsets: list[float] = []
+        for v in torch.unique(tokens.video).tolist():
+            t, h, w = tokens.grids[v]
+            members = (tokens.video == v).nonzero().squeeze(1)
+            order = members[torch.argsort(tokens.cell[members])]  # grid (raster) order
+            if order.numel() != t * h * w or not torch.equal(tokens.cell[order], torch.arange(t * h * w, device=device)):
+                raise UnsupportedUsageError(
+                    f"{self.label} merges whole frame grids at layer {tokens.layer}, but video {v} of this row reached it "
+                    f"with {members.numel()} of its {t * h * w} tokens; no stage before it may drop tokens (put sttm first)"
+                )
+            res, offset = self.settings.merge(tokens.hidden[order].reshape(t, h, w, -1))
+            parts.append((order, res))
+            offsets.append(offset)
+        keep = torch.cat([order[res.keep] for order, res in parts])
+        info = {"offset": offsets, "nodes": [int(res.node_tlbr.shape[0]) for _, res in parts]}
+        if keep.numel() == n:  # every node is one patch: nothing merged
+            return selection(everything, info=info)
+        keep, perm = torch.sort(keep)
+        values = torch.cat([res.tokens for _, res in parts])[perm].to(tokens.hidden.dtype)
+        slot = torch.full((n,), -1, dtype=torch.long, device=device)
+        slot[keep] = torch.arange(keep.numel(), device=device)
+        assign = torch.full((n,), -1, dtype=torch.long, device=device)
+        for order, res in parts:
+            assign[order] = slot[order[res.keep]][res.assign]
+        info["tlbr"] = [res.tlbr for _, res in parts]
+        return Compression(keep=keep, values=values, assign=assign, info=info)
+
+
+__all__ = ["STTM", "STTMLayer", "build_pyramid", "build_quadtree", "descend", "nested_pairs", "pyramid_sizes", "representatives", "sttm"]
