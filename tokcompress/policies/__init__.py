@@ -7,6 +7,7 @@ from .evs import EVS
 from .evs_pixel import EVSPixel
 from .fastv import FastV
 from .fastvid import FastVID
+from .framefusion import FrameFusion
 from .holitom import HoliTom
 from .holitom_inner import HoliTomInner
 from .llava_scissor import LlavaScissor
@@ -26,6 +27,7 @@ __all__ = [
     "EVSPixel",
     "FastV",
     "FastVID",
+    "FrameFusion",
     "Frames",
     "HoliTom",
     "HoliTomInner",
