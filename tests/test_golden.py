@@ -387,3 +387,67 @@ def _golden_prunevid_outer(case: Case) -> Outputs:
 
 
 GOLDEN["prunevid_outer"] = _golden_prunevid_outer
+
+
+def _golden_framefusion(case: Case) -> Outputs:
+    """Replays the reference's call sequence: each step reads ``h`` rows of the tokens that survived the last one."""
+    from tokcompress.policies.framefusion import PRUNE, FrameFusion, FrameFusionState
+
+    x, p = case["inputs"], case["params"]
+    policy = FrameFusion(cost=p["cost"], similarity_lower_bound=p["similarity_lower_bound"], ratio_lower_bound=p["ratio_lower_bound"])
+    patch_type = x["patch_type"]
+    state = FrameFusionState()
+    present = torch.arange(patch_type.shape[0])  # original positions entering the step
+    offset = 0
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("keep", "hidden", "removed", "merge_target")}
+    kinds, fractions, bounds, lengths, removed_len = [], [], [], [], []
+    for length in x["step_len"].tolist():
+        assert length == present.numel()
+        h = x["h"][offset : offset + length].clone()
+        offset += length
+        vis = (patch_type[present] >= 0).nonzero().squeeze(1)
+        keep_vis = torch.ones(length, dtype=torch.bool)
+        target = present.clone()
+        if state.wants_prune:
+            step = policy.prune(state, x["attn_row"][vis], depth=28)
+            kinds.append(PRUNE)
+            fractions.append(float("nan"))
+            bounds.append(step.ratio)
+            kept = torch.zeros(vis.numel(), dtype=torch.bool)
+            kept[step.keep] = True
+            keep_vis[vis[~kept]] = False
+            target[vis[~kept]] = -1
+        else:
+            step = policy.merge(state, h[vis], patch_type[present[vis]], depth=28)
+            kinds.append(step.kind)
+            fractions.append(step.fraction)
+            bounds.append(step.upper_bound)
+            h[vis[step.keep]] = step.values
+            gone = torch.ones(vis.numel(), dtype=torch.bool)
+            gone[step.keep] = False
+            keep_vis[vis[gone]] = False
+            target[vis] = present[vis[step.target]]
+        removed = ~keep_vis
+        out["removed"].append(present[removed])
+        out["merge_target"].append(target[removed])
+        removed_len.append(int(removed.sum()))
+        present = present[keep_vis]
+        out["keep"].append(present)
+        out["hidden"].append(h[keep_vis])
+        lengths.append(present.numel())
+    assert state.merging_done == (kinds[-1] != 0), "the case ends while the policy's schedule does not (or the reverse)"
+    torch.testing.assert_close(
+        torch.tensor(fractions, dtype=torch.float64), case["expected"]["above_k_ratio"], equal_nan=True, atol=0, rtol=0
+    )
+    result = {k: torch.cat(v) for k, v in out.items()}
+    result.update(
+        step_kind=torch.tensor(kinds),
+        upper_bound=torch.tensor(bounds, dtype=torch.float64),
+        out_len=torch.tensor(lengths),
+        removed_len=torch.tensor(removed_len),
+        sparsity_list=torch.tensor(state.sparsity, dtype=torch.float64),
+    )
+    return result
+
+
+GOLDEN["framefusion"] = _golden_framefusion

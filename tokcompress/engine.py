@@ -139,6 +139,7 @@ class Session:
                     self._register_pre,
                     rotary=getattr(self.lm, "rotary_emb", None),  # compacted in-layer positions recompute cos/sin
                     positions=adapter.positions,
+                    register_post=self._register_post,
                 )
         except BaseException:
             self._stack.close()
@@ -230,6 +231,10 @@ class Session:
             return None if self._paused else fn(mod, args, kwargs)
 
         self._stack.callback(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
+
+    def _register_post(self, module: nn.Module, fn: Any) -> None:
+        """Install a forward hook (with kwargs) removed by :meth:`close`; for stages that edit a module's output."""
+        self._stack.callback(module.register_forward_hook(fn, with_kwargs=True).remove)
 
     def close(self) -> None:
         """Remove every hook and attribute this session added."""

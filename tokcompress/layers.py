@@ -208,10 +208,14 @@ class LayerRunner:
         register: Register,
         rotary: nn.Module | None = None,
         positions: str = "1d",
+        register_post: Register | None = None,
     ) -> None:
         depth = len(layers)
         self.config = config
         self.depth = depth
+        stepped = [p for p in layer_policies if getattr(p, "stepped", False)]  # data-dependent sites (FrameFusion)
+        layer_policies = [p for p in layer_policies if not getattr(p, "stepped", False)]
+        _check_stepped(stepped, layer_policies, decode_policy)
         self.rotary = rotary  # the language model's rotary module: cos/sin for compacted positions
         self.stages: list[tuple[int, LayerPolicy]] = []
         for policy in layer_policies:
@@ -255,6 +259,11 @@ class LayerRunner:
             register(layer, self._layer_hook(i))
         for i in sorted(probed):
             register(self.attn[i], self._attention_hook(i))
+        self.sites = None
+        if stepped:
+            from .framefusion_sites import FrameFusionSites
+
+            self.sites = FrameFusionSites(self, stepped[0], layers, first_layer, register, register_post)
 
     def _check_layer(self, policy: Any, k: int, first: int, explicit: bool) -> int:
         if not 1 <= k < self.depth:
@@ -299,6 +308,8 @@ class LayerRunner:
         self.prefill = _Prefill(cache=cache, kv=kv, state=state)
         if state is not None:
             state.kv = kv
+        if self.sites is not None:
+            self.sites.begin(slot_of, videos, mask)
 
     def begin_step(self, cache: Cache, state: Any, new_cols: Tensor) -> None:
         """A decode step through a cache whose prefill this runner shaped."""
@@ -708,6 +719,16 @@ class LayerRunner:
         step.masks.clear()
 
 
+def _check_stepped(stepped: list[LayerPolicy], others: list[LayerPolicy], decode: DecodePolicy | None) -> None:
+    """A policy with data-dependent sites (FrameFusion) runs alone inside the language model."""
+    if not stepped:
+        return
+    if len(stepped) > 1 or others or decode is not None:
+        labels = [p.label for p in [*stepped, *others, *([decode] if decode is not None else [])]]
+        raise UnsupportedUsageError(
+            f"{stepped[0].label} acts at data-dependent layers and cannot be combined with other in-layer or "
+            f"decode-time policies ({labels}); chain it with input-stage policies only"
+        )
 def _compacts(policy: LayerPolicy) -> bool:
     """True for an in-layer policy that renumbers the survivors (``positions == "compacted"``)."""
     return getattr(policy, "positions", "kept") == "compacted"

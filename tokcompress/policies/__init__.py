@@ -7,12 +7,13 @@ from .evs import EVS
 from .evs_pixel import EVSPixel
 from .fastv import FastV
 from .fastvid import FastVID
+from .framefusion import FrameFusion
 from .free_video_llm import FreeVideoLLM
 from .holitom import HoliTom
 from .holitom_inner import HoliTomInner
 from .llava_scissor import LlavaScissor
-from .quota import QuoTA
 from .prunevid import PruneVid, PruneVidInner, PruneVidOuter
+from .quota import QuoTA
 from .sparsevlm import SparseVLM
 from .sttm import STTM
 from .ts_llava import TSLLaVA
@@ -28,6 +29,7 @@ __all__ = [
     "EVSPixel",
     "FastV",
     "FastVID",
+    "FrameFusion",
     "Frames",
     "FreeVideoLLM",
     "HoliTom",
