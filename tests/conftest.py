@@ -24,6 +24,16 @@ from tokcompress.video import synthetic_video  # noqa: E402
 QUESTIONS = ("What is moving in this video, and where does it go next?", "Why?")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test runs with one intra-op thread, even after code that set more (benchmarks take
+    ``--threads``): the tiny models only pay sync overhead for threads on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @functools.lru_cache(maxsize=None)
 def tiny(family: str, attn: str = "sdpa"):
     """(model, processor), built once per session."""

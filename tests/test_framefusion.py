@@ -33,14 +33,6 @@ from tokcompress.policies.framefusion import (
 from tokcompress.tiny import build, make_inputs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 DEPTH = 4
 STEPS = 6
 

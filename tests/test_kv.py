@@ -26,15 +26,6 @@ from conftest import QUESTIONS, _videos
 from kv_reference import DecodeRule, Stage, run_row
 from reference import capture_lm_inputs
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny models are too small for intra-op threads to pay off on a shared machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 FAMILIES = ["llava_onevision", "qwen2_5_vl", "qwen3_vl"]
 DEPTH = 4
 STEPS = 10

@@ -18,15 +18,6 @@ from tokcompress.tokens import TokenSet
 from test_kv import DEPTH, inputs_for, model4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny models are too small for intra-op threads to pay off on a shared machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- budgets: each reference's own rounding --------------------------------------------------------------------
 
 

@@ -30,14 +30,6 @@ from reference import capture_lm_inputs, row_inputs
 from test_kv import IDENTITY_STEPS, _generate, _steps_until_eos, _unwrapped, inputs_for, model4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TABLE = {64: (66, 30, 17), 96: (238, 48, 26), 128: (303, 110, 36), 192: (300, 200, 110)}  # score.py, v1.5
 STEPS = 8
 

@@ -34,14 +34,6 @@ DEPTH = 4
 STEPS = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=None)
 def model4(family: str, attn: str = "sdpa"):
     return build(family, attn_implementation=attn, num_hidden_layers=DEPTH)

@@ -23,16 +23,6 @@ from tokcompress.video import read_video, synthetic_video, video_info, write_vid
 QUESTIONS = ["What moves?", "Which colour is the object in the top-left corner of the frame?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models are so small that intra-op threads only add sync overhead; on a busy
-    2-core box two spinning OpenMP threads made this file 5-10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models(_one_thread) -> dict:
     """One sdpa model per family, built once for the module (building is cheap, imports are not)."""

@@ -234,7 +234,10 @@ class Session:
 
     def _register_post(self, module: nn.Module, fn: Any) -> None:
         """Install a forward hook (with kwargs) removed by :meth:`close`; for stages that edit a module's output."""
-        self._stack.callback(module.register_forward_hook(fn, with_kwargs=True).remove)
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            return None if self._paused else fn(mod, args, kwargs, output)
+
+        self._stack.callback(module.register_forward_hook(hook, with_kwargs=True).remove)
 
     def close(self) -> None:
         """Remove every hook and attribute this session added."""

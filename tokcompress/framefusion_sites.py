@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from transformers.masking_utils import create_causal_mask
 
 from .errors import UnsupportedModelError, UnsupportedUsageError
+from .layers import Layout, compact_index, kept_position_kwargs, layer_mask
 from .policies.framefusion import MERGE_TOPK, FrameFusion, FrameFusionState
 
 if TYPE_CHECKING:
@@ -257,28 +257,14 @@ class FrameFusionSites:
     # -- compaction ----------------------------------------------------------------------------
     def _compact(self, k: int, keep: Tensor, hidden: Tensor, kwargs: dict) -> tuple[Tensor, dict]:
         """Shorten every row to its ``keep`` slots before layer ``k``; later layers get the same substitutes."""
-        from .layers import Layout, _gather_seq, compact_index
-
         runner = self.runner
         prefill, layout = runner.prefill, runner._current()
         keep = keep & layout.mask.bool()
         index, slot_valid = compact_index(keep)
         new_hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
         new_layout = Layout(k, layout.origin.gather(1, index), slot_valid.long())
-        subst: dict[str, Any] = {}
-        cos, sin = kwargs["position_embeddings"]
-        subst["position_embeddings"] = tuple(_gather_seq(t, index) for t in (cos, sin))
-        position_ids = kwargs.get("position_ids")
-        if isinstance(position_ids, Tensor) and position_ids.shape[-1] == keep.shape[1]:
-            subst["position_ids"] = _gather_seq(position_ids, index)
-        subst["attention_mask"] = create_causal_mask(
-            config=runner.config,
-            inputs_embeds=new_hidden,
-            attention_mask=new_layout.mask,
-            cache=prefill.cache,
-            position_ids=subst.get("position_ids"),
-            layer_idx=k,
-        )
+        subst = kept_position_kwargs(kwargs, index, keep.shape[1])
+        subst["attention_mask"] = layer_mask(runner.config, new_hidden, new_layout, prefill.cache, subst.get("position_ids"))
         prefill.subst = subst
         if k == 0:  # before any layer ran: every cache layer holds the survivors only
             prefill.kv.layouts = [new_layout]

@@ -533,7 +533,6 @@ class LayerRunner:
         new_hidden = hidden.gather(1, index[..., None].expand(-1, -1, dim))
         new_layout = Layout(k, layout.origin.gather(1, index), slot_valid.long())
         subst: dict[str, Any] = {}
-        cos, sin = kwargs["position_embeddings"]
         position_ids = kwargs.get("position_ids")
         if _compacts(policy):
             if not isinstance(position_ids, Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] != keep.shape[1]:
@@ -546,17 +545,8 @@ class LayerRunner:
             subst["position_embeddings"] = self.rotary(new_hidden, subst["position_ids"])
             kv.shifts.append((k, removed.sum(1)))
         else:
-            subst["position_embeddings"] = tuple(_gather_seq(t, index) for t in (cos, sin))
-            if isinstance(position_ids, Tensor) and position_ids.shape[-1] == keep.shape[1]:
-                subst["position_ids"] = _gather_seq(position_ids, index)
-        subst["attention_mask"] = create_causal_mask(
-            config=self.config,
-            inputs_embeds=new_hidden,
-            attention_mask=new_layout.mask,
-            cache=prefill.cache,
-            position_ids=subst.get("position_ids"),
-            layer_idx=k,
-        )
+            subst.update(kept_position_kwargs(kwargs, index, keep.shape[1]))
+        subst["attention_mask"] = layer_mask(self.config, new_hidden, new_layout, prefill.cache, subst.get("position_ids"))
         prefill.subst = subst
         if policy.prune_earlier:
             if prefill.cache is not None:
@@ -729,9 +719,34 @@ def _check_stepped(stepped: list[LayerPolicy], others: list[LayerPolicy], decode
             f"{stepped[0].label} acts at data-dependent layers and cannot be combined with other in-layer or "
             f"decode-time policies ({labels}); chain it with input-stage policies only"
         )
+
+
 def _compacts(policy: LayerPolicy) -> bool:
     """True for an in-layer policy that renumbers the survivors (``positions == "compacted"``)."""
     return getattr(policy, "positions", "kept") == "compacted"
+
+
+def kept_position_kwargs(kwargs: dict, index: Tensor, length: int) -> dict[str, Any]:
+    """``position_embeddings`` (and ``position_ids`` when the layer gets them) gathered at the survivors:
+    their original positions, for the layers after a cut of a length-``length`` sequence."""
+    cos, sin = kwargs["position_embeddings"]
+    out: dict[str, Any] = {"position_embeddings": tuple(_gather_seq(t, index) for t in (cos, sin))}
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, Tensor) and position_ids.shape[-1] == length:
+        out["position_ids"] = _gather_seq(position_ids, index)
+    return out
+
+
+def layer_mask(config: Any, hidden: Tensor, layout: Layout, cache: Cache | None, position_ids: Tensor | None) -> Any:
+    """The backend's attention mask for the layers from ``layout.start`` on, over the shortened rows."""
+    return create_causal_mask(
+        config=config,
+        inputs_embeds=hidden,
+        attention_mask=layout.mask,
+        cache=cache,
+        position_ids=position_ids,
+        layer_idx=layout.start,
+    )
 
 
 def _gather_seq(t: Tensor, index: Tensor) -> Tensor:

@@ -41,7 +41,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..cluster import cluster_sums, dpc_knn, nearest_center
