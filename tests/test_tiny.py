@@ -24,7 +24,7 @@ QUESTIONS = ["What moves?", "Which colour is the object in the top-left corner o
 
 
 @pytest.fixture(scope="module")
-def models(_one_thread) -> dict:
+def models() -> dict:
     """One sdpa model per family, built once for the module (building is cheap, imports are not)."""
     return {fam: build(fam) for fam in FAMILIES}
 
