@@ -259,6 +259,20 @@ def test_evs_dissimilarity_is_bitwise_the_reference_cosine(dtype):
     assert torch.equal(evs_dissimilarity(x), want)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_evs_dissimilarity_blocked_path_is_bitwise_the_reference_cosine(dtype):
+    # Large enough for the cache-blocked path, with a partial last block of grid cells and static tokens.
+    from tokcompress.policies.evs import BLOCK_ELEMENTS
+
+    d = BLOCK_ELEMENTS // 50 + 7
+    x = torch.randn(6, 101, d, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x[3:5, :40] = x[2, :40]
+    assert x.numel() > 4 * BLOCK_ELEMENTS and 101 % (BLOCK_ELEMENTS // d) != 0
+    want = torch.cat([torch.full_like(x[:1, :, 0], 255), 1 - F.cosine_similarity(x[1:], x[:-1], dim=-1)])
+    assert torch.equal(evs_dissimilarity(x), want)
+
+
 def test_evs_no_nan_on_zero_tokens():
     x = torch.zeros(3, 4, 6)
     keep = EVS(retain=0.5)(TokenSet(features=x, grid=(3, 2, 2))).keep

@@ -26,8 +26,10 @@ from ..tokens import Compression, TokenSet
 
 #: The reference's score for frame-0 tokens: above any cosine dissimilarity (at most 2).
 FIRST_FRAME_SCORE = 255.0
-#: Frames whose products are formed at once (bounds the temporaries).
-FRAME_CHUNK = 64
+#: Elements per working buffer (1 MiB of float32): large inputs are scored a block of grid cells at
+#: a time so that the normalised tokens and their products stay in cache instead of making
+#: full-size copies; inputs up to a few blocks are scored whole.
+BLOCK_ELEMENTS = 1 << 18
 
 
 def evs_count(num_frames: int, tokens_per_frame: int, q: float) -> int:
@@ -40,10 +42,11 @@ def evs_dissimilarity(features: Tensor, eps: float = 1e-8) -> Tensor:
 
     Bit-for-bit what the reference gets from ``torch.nn.functional.cosine_similarity(E[1:], E[:-1],
     dim=-1)`` (eps 1e-8) in the features' dtype, which computes ``sum((a / max(|a|, eps)) *
-    (b / max(|b|, eps)))``; here every frame is normalised once instead of twice, and the products
-    are formed a few frames at a time. In float16, where 1e-8 underflows to 0 and the reference
-    turns a zero token into NaN, ``eps`` is raised to the smallest normal float16 (a zero token then
-    has similarity 0, as in float32).
+    (b / max(|b|, eps)))``; here every frame is normalised once instead of twice and, for large
+    inputs, a block of grid cells at a time into two reused buffers (the same element-wise operations
+    and the same row sums, so the same bits, without full-size temporaries). In float16, where 1e-8
+    underflows to 0 and the reference turns a zero token into NaN, ``eps`` is raised to the smallest
+    normal float16 (a zero token then has similarity 0, as in float32).
     """
     if features.dim() != 3:
         raise ValueError(f"features must be (T, n, D); got shape {tuple(features.shape)}")
@@ -52,10 +55,25 @@ def evs_dissimilarity(features: Tensor, eps: float = 1e-8) -> Tensor:
     if t == 1:
         return scores
     eps = max(eps, torch.finfo(features.dtype).tiny) if features.is_floating_point() else eps
-    unit = features / torch.linalg.vector_norm(features, dim=-1, keepdim=True).clamp_min(eps)
-    for t0 in range(1, t, FRAME_CHUNK):
-        t1 = min(t, t0 + FRAME_CHUNK)
-        scores[t0:t1] = 1 - (unit[t0:t1] * unit[t0 - 1 : t1 - 1]).sum(-1)
+    norms = torch.linalg.vector_norm(features, dim=-1, keepdim=True).clamp_min_(eps)
+    if features.numel() <= 4 * BLOCK_ELEMENTS:
+        unit = features / norms
+        scores[1:] = 1 - (unit[1:] * unit[:-1]).sum(-1)
+        return scores
+    n, d = features.shape[1:]
+    rows = min(n, max(1, BLOCK_ELEMENTS // d))
+    previous = features.new_empty(rows, d)
+    current = features.new_empty(rows, d)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        prev, cur = previous[: r1 - r0], current[: r1 - r0]
+        torch.div(features[0, r0:r1], norms[0, r0:r1], out=prev)
+        for i in range(1, t):
+            torch.div(features[i, r0:r1], norms[i, r0:r1], out=cur)
+            prev.mul_(cur)  # the previous frame's units are not needed any more
+            torch.sum(prev, -1, out=scores[i, r0:r1])
+            prev, cur = cur, prev
+    scores[1:] = 1 - scores[1:]
     return scores
 
 
