@@ -134,3 +134,13 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="shape \\(M, C\\) or \\(B, M, C\\)"):
         dpc_knn(torch.randn(10), 3, 2)
     assert dpc_knn(x, 3, 0).index.shape == (0,)
+
+
+def test_squared_norms_blocked_is_bitwise_the_full_product():
+    # Large enough for the blocked path (full, row-block view of a batch, and a 2-D strided slice).
+    from tokcompress.cluster import NORM_BLOCK, squared_norms
+
+    x = torch.randn(3, 4 * NORM_BLOCK // 1000 + 5, 1003, generator=torch.Generator().manual_seed(3)).double()
+    for view in (x, x[:, 7:], x[0, :, 1:]):
+        assert view.numel() > 4 * NORM_BLOCK or view.dim() == 2
+        assert torch.equal(squared_norms(view), (view * view).sum(-1))

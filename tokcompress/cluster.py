@@ -39,6 +39,37 @@ from torch import Tensor
 
 #: Largest number of distance entries (per call, over the batch) held at once; 2**26 floats = 256 MiB.
 MAX_BLOCK = 1 << 26
+#: Elements per working buffer of the row-wise squared norms (2 MiB of float64): large token sets are
+#: squared a block of rows at a time instead of through one full-size product (whose fresh pages cost
+#: more than the arithmetic).
+NORM_BLOCK = 1 << 18
+
+
+def squared_norms(x: Tensor) -> Tensor:
+    """``(x * x).sum(-1)``, bit for bit, without a full-size temporary for large ``x``.
+
+    Each row's sum is the same reduction over the same products whether the product is formed for
+    all rows at once or for a block of rows, so the result does not depend on the blocking.
+    """
+    c = x.shape[-1]
+    if x.numel() <= 4 * NORM_BLOCK or c == 0:
+        return (x * x).sum(-1)
+    out = x.new_empty(x.shape[:-1])
+    if x.dim() == 2:
+        pairs = [(x, out)]
+    elif x.is_contiguous():
+        pairs = [(x.reshape(-1, c), out.view(-1))]
+    else:  # a block of rows of a batch (see _block_dist): one batch entry at a time
+        pairs = [(x[i].reshape(-1, c), out[i].view(-1)) for i in range(x.shape[0])]
+    step = max(1, NORM_BLOCK // c)
+    buf = x.new_empty(step, c)
+    for src, dst in pairs:
+        for start in range(0, src.shape[0], step):
+            chunk = src[start : start + step]
+            prod = buf[: chunk.shape[0]]
+            torch.mul(chunk, chunk, out=prod)
+            torch.sum(prod, -1, out=dst[start : start + step])
+    return out
 
 
 @dataclass
@@ -75,8 +106,8 @@ def scaled_cdist(a: Tensor, b: Tensor) -> Tensor:
     """
     a64 = a.double()
     b64 = a64 if b is a else b.double()
-    sq_a = (a64 * a64).sum(-1)
-    sq_b = sq_a if b is a else (b64 * b64).sum(-1)
+    sq_a = squared_norms(a64)
+    sq_b = sq_a if b is a else squared_norms(b64)
     d2 = torch.baddbmm(sq_a[..., :, None] + sq_b[..., None, :], a64, b64.transpose(-1, -2), alpha=-2) \
         if a64.dim() == 3 else torch.addmm(sq_a[:, None] + sq_b[None, :], a64, b64.T, alpha=-2)
     return (d2.clamp_min_(0).sqrt_() / math.sqrt(a.shape[-1])).float()
@@ -252,4 +283,4 @@ def cluster_sums(x: Tensor, labels: Tensor, k: int, weight: Tensor | None = None
     return sums[..., :k, :], counts[..., :k]
 
 
-__all__ = ["DPCResult", "cluster_sums", "dpc_density", "dpc_knn", "dpc_parent_distance", "nearest_center", "scaled_cdist", "top_scores"]
+__all__ = ["DPCResult", "cluster_sums", "dpc_density", "dpc_knn", "dpc_parent_distance", "nearest_center", "scaled_cdist", "squared_norms", "top_scores"]

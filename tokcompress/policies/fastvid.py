@@ -86,6 +86,19 @@ def _density_scores(x: Tensor) -> Tensor:
     return dpc_parent_distance(x, density, dist_max, dist) * density
 
 
+def _float64_stack(rows: list[Tensor]) -> Tensor:
+    """``torch.stack(rows).double()`` written straight into one float64 tensor, one row set at a time.
+
+    The DPC distances are computed in float64 (see :func:`~tokcompress.cluster.scaled_cdist`);
+    building that copy directly skips a full-size float32 stack (large fresh buffers cost more in
+    page faults than the copying itself).
+    """
+    out = rows[0].new_empty((len(rows), *rows[0].shape), dtype=torch.float64)
+    for dst, src in zip(out, rows):
+        dst.copy_(src)
+    return out
+
+
 def _merge(centres: Tensor, sources: Tensor, label: Tensor, beta: float, k: int, weight: Tensor | None = None) -> Tensor:
     """``w * centre + (1 - w) * mean(sources)`` with ``w = max(1 / (count + 1), beta)`` (FastVID's DTM).
 
@@ -168,7 +181,7 @@ def _onevision(feats: Tensor, attn: Tensor, segs: list[tuple[int, int]], p: "Fas
     score = torch.zeros(t, m, device=device)
     if scored:
         idx = torch.tensor(scored, device=device)
-        score[idx] = _density_scores(rest_x[idx])  # only frames that take centres
+        score[idx] = _density_scores(_float64_stack([rest_x[f] for f in scored]))  # only frames that take centres
 
     # frames whose count equals n_ctx: centres from and merge within the own frame
     single = [f for f in range(t) if count[f] == n_ctx]
@@ -278,7 +291,7 @@ def _per_segment(feats: Tensor, attn: Tensor, g: Tensor, segs: list[tuple[int, i
             continue
         idx = torch.tensor(frames, device=device)
         rest = (~salient[idx]).nonzero()[:, 1].reshape(len(frames), m)
-        score = _density_scores(feats[idx].gather(1, rest[:, :, None].expand(-1, -1, dim)))
+        score = _density_scores(_float64_stack([feats[f].index_select(0, rest[row]) for row, f in enumerate(frames)]))
         for row, f in enumerate(frames):
             pick = top_scores(score[row], min(ctx_n[f], m)).sort().values  # capped at the tokens left
             centres[f] = f * n + rest[row, pick]
