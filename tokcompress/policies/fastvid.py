@@ -161,10 +161,65 @@ def _onevision(feats: Tensor, attn: Tensor, segs: list[tuple[int, int]], p: "Fas
     out = _Out(t * n, device)
     base = torch.arange(t, device=device)[:, None] * n
 
+    x = feats.reshape(-1, dim)
+    # Rows are copied with index_select on the flat tokens (a row gather; gather with an expanded
+    # index is several times slower) and only where used, never all frames' non-salient tokens at once.
     sal = torch.topk(attn, n_sal, dim=1).indices  # (T, n_sal)
-    out.add((base + sal).reshape(-1), feats.gather(1, sal[:, :, None].expand(-1, -1, dim)).reshape(-1, dim))
+    sal_flat = (base + sal).reshape(-1)
+    out.add(sal_flat, x.index_select(0, sal_flat))
     if n_ctx == 0 or m == 0:
         return out
+    rest_mask = torch.ones(t, n, dtype=torch.bool, device=device).scatter_(1, sal, False)
+    rest = rest_mask.nonzero()[:, 1].reshape(t, m)  # ascending per frame
+    rest_flat = base + rest
+
+    def rest_x(frames: Tensor | slice) -> Tensor:
+        """The non-salient tokens of ``frames``, ``(F, m, D)``."""
+        return x.index_select(0, rest_flat[frames].reshape(-1)).reshape(-1, m, dim)
+
+    count = [0] * t  # contextual tokens per frame (anchor distribution)
+    for s, e in segs:
+        length = e - s + 1
+        per_anchor = (n_ctx * length) // math.ceil(length / p.DTM_p)
+        for f in range(s, e + 1):
+            if (e - f) % p.DTM_p == 0:
+                count[f] = min(per_anchor, m)  # capped: the reference raises when per_anchor > m
+    scored = [f for f in range(t) if count[f] > 0]
+    score = torch.zeros(t, m, device=device)
+    if scored:
+        idx = torch.tensor(scored, device=device)
+        # only frames that take centres
+        score[idx] = _density_scores(_float64_stack([x.index_select(0, rest_flat[f]) for f in scored]))
+
+    # frames whose count equals n_ctx: centres from and merge within the own frame
+    single = [f for f in range(t) if count[f] == n_ctx]
+    if single:
+        idx = torch.tensor(single, device=device)
+        centres = top_scores(score[idx], n_ctx)  # (S, n_ctx), highest score first
+        src = rest_x(idx)
+        kept = rest_flat[idx].gather(1, centres)  # (S, n_ctx)
+        target = x.index_select(0, kept.reshape(-1)).reshape(len(single), n_ctx, dim)
+        # cosine argmax over centres: a source's own norm does not change it, so it is not divided out
+        label = (src @ _unit(target).transpose(1, 2)).argmax(dim=2)
+        out.add(kept.reshape(-1), _merge(target, src, label, p.DTM_beta, n_ctx).reshape(-1, dim))
+        out.link(rest_flat[idx].reshape(-1), kept.gather(1, label).reshape(-1))
+    # anchors of multi-frame segments: centres from the anchor, sources = the whole segment
+    for s, e in segs:
+        anchors = [f for f in range(s, e + 1) if count[f] > n_ctx]
+        if not anchors:
+            continue
+        per_anchor = count[e]
+        src = rest_x(slice(s, e + 1)).reshape(-1, dim)
+        src_flat = rest_flat[s : e + 1].reshape(-1)
+        idx = torch.tensor(anchors, device=device)
+        centres = top_scores(score[idx], per_anchor)  # (A, per_anchor)
+        kept = rest_flat[idx].gather(1, centres)
+        target = x.index_select(0, kept.reshape(-1)).reshape(len(anchors), per_anchor, dim)
+        label = (src[None] @ _unit(target).transpose(1, 2)).argmax(dim=2)  # (A, S), cosine argmax
+        out.add(kept.reshape(-1), _merge(target, src[None], label, p.DTM_beta, per_anchor).reshape(-1, dim))
+        for row in range(len(anchors)):
+            out.link(src_flat, kept[row, label[row]])
+    return out
     rest_mask = torch.ones(t, n, dtype=torch.bool, device=device).scatter_(1, sal, False)
     rest = rest_mask.nonzero()[:, 1].reshape(t, m)  # ascending per frame
     rest_x = feats.gather(1, rest[:, :, None].expand(-1, -1, dim))  # (T, m, D)
