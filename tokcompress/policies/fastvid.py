@@ -86,14 +86,19 @@ def _density_scores(x: Tensor) -> Tensor:
     return dpc_parent_distance(x, density, dist_max, dist) * density
 
 
-def _float64_stack(rows: list[Tensor]) -> Tensor:
+def _float64_stack(rows: list[Tensor], scratch: Tensor | None = None) -> Tensor:
     """``torch.stack(rows).double()`` written straight into one float64 tensor, one row set at a time.
 
     The DPC distances are computed in float64 (see :func:`~tokcompress.cluster.scaled_cdist`);
     building that copy directly skips a full-size float32 stack (large fresh buffers cost more in
-    page faults than the copying itself).
+    page faults than the copying itself). ``scratch``: a flat float64 buffer to write into (reused
+    across calls), large enough for the result.
     """
-    out = rows[0].new_empty((len(rows), *rows[0].shape), dtype=torch.float64)
+    shape = (len(rows), *rows[0].shape)
+    if scratch is None:
+        out = rows[0].new_empty(shape, dtype=torch.float64)
+    else:
+        out = scratch[: math.prod(shape)].view(shape)
     for dst, src in zip(out, rows):
         dst.copy_(src)
     return out
@@ -220,53 +225,6 @@ def _onevision(feats: Tensor, attn: Tensor, segs: list[tuple[int, int]], p: "Fas
         for row in range(len(anchors)):
             out.link(src_flat, kept[row, label[row]])
     return out
-    rest_mask = torch.ones(t, n, dtype=torch.bool, device=device).scatter_(1, sal, False)
-    rest = rest_mask.nonzero()[:, 1].reshape(t, m)  # ascending per frame
-    rest_x = feats.gather(1, rest[:, :, None].expand(-1, -1, dim))  # (T, m, D)
-    rest_flat = base + rest
-
-    count = [0] * t  # contextual tokens per frame (anchor distribution)
-    for s, e in segs:
-        length = e - s + 1
-        per_anchor = (n_ctx * length) // math.ceil(length / p.DTM_p)
-        for f in range(s, e + 1):
-            if (e - f) % p.DTM_p == 0:
-                count[f] = min(per_anchor, m)  # capped: the reference raises when per_anchor > m
-    scored = [f for f in range(t) if count[f] > 0]
-    score = torch.zeros(t, m, device=device)
-    if scored:
-        idx = torch.tensor(scored, device=device)
-        score[idx] = _density_scores(_float64_stack([rest_x[f] for f in scored]))  # only frames that take centres
-
-    # frames whose count equals n_ctx: centres from and merge within the own frame
-    single = [f for f in range(t) if count[f] == n_ctx]
-    if single:
-        idx = torch.tensor(single, device=device)
-        centres = top_scores(score[idx], n_ctx)  # (S, n_ctx), highest score first
-        src = rest_x[idx]
-        target = src.gather(1, centres[:, :, None].expand(-1, -1, dim))
-        # cosine argmax over centres: a source's own norm does not change it, so it is not divided out
-        label = (src @ _unit(target).transpose(1, 2)).argmax(dim=2)
-        kept = rest_flat[idx].gather(1, centres)  # (S, n_ctx)
-        out.add(kept.reshape(-1), _merge(target, src, label, p.DTM_beta, n_ctx).reshape(-1, dim))
-        out.link(rest_flat[idx].reshape(-1), kept.gather(1, label).reshape(-1))
-    # anchors of multi-frame segments: centres from the anchor, sources = the whole segment
-    for s, e in segs:
-        anchors = [f for f in range(s, e + 1) if count[f] > n_ctx]
-        if not anchors:
-            continue
-        per_anchor = count[e]
-        src = rest_x[s : e + 1].reshape(-1, dim)
-        src_flat = rest_flat[s : e + 1].reshape(-1)
-        idx = torch.tensor(anchors, device=device)
-        centres = top_scores(score[idx], per_anchor)  # (A, per_anchor)
-        target = rest_x[idx].gather(1, centres[:, :, None].expand(-1, -1, dim))
-        label = (src[None] @ _unit(target).transpose(1, 2)).argmax(dim=2)  # (A, S), cosine argmax
-        kept = rest_flat[idx].gather(1, centres)
-        out.add(kept.reshape(-1), _merge(target, src[None], label, p.DTM_beta, per_anchor).reshape(-1, dim))
-        for row in range(len(anchors)):
-            out.link(src_flat, kept[row, label[row]])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,12 +299,15 @@ def _per_segment(feats: Tensor, attn: Tensor, g: Tensor, segs: list[tuple[int, i
     by_size: dict[int, list[int]] = {}
     for f in anchors:
         by_size.setdefault(n - sal_n[f], []).append(f)
+    # one float64 buffer for every group's DPC input (fresh pages of a large buffer are costly)
+    scratch = feats.new_empty(max((len(fr) * m * dim for m, fr in by_size.items()), default=0), dtype=torch.float64)
     for m, frames in by_size.items():
         if m == 0:
             continue
         idx = torch.tensor(frames, device=device)
         rest = (~salient[idx]).nonzero()[:, 1].reshape(len(frames), m)
-        score = _density_scores(_float64_stack([feats[f].index_select(0, rest[row]) for row, f in enumerate(frames)]))
+        rows = [feats[f].index_select(0, rest[row]) for row, f in enumerate(frames)]
+        score = _density_scores(_float64_stack(rows, scratch))
         for row, f in enumerate(frames):
             pick = top_scores(score[row], min(ctx_n[f], m)).sort().values  # capped at the tokens left
             centres[f] = f * n + rest[row, pick]
