@@ -144,3 +144,12 @@ def test_squared_norms_blocked_is_bitwise_the_full_product():
     for view in (x, x[:, 7:], x[0, :, 1:]):
         assert view.numel() > 4 * NORM_BLOCK or view.dim() == 2
         assert torch.equal(squared_norms(view), (view * view).sum(-1))
+
+
+def test_take_rows_is_the_expanded_gather():
+    from tokcompress.cluster import take_rows
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 11, 5, generator=g)
+    index = torch.randint(0, 11, (3, 4), generator=g)
+    assert torch.equal(take_rows(x, index), x.gather(1, index[:, :, None].expand(-1, -1, 5)))

@@ -72,6 +72,17 @@ def squared_norms(x: Tensor) -> Tensor:
     return out
 
 
+def take_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x.gather(1, index[..., None].expand(-1, -1, D))`` for ``x`` ``(B, M, D)``, ``index`` ``(B, K)``.
+
+    The same rows copied with one ``index_select`` over the flattened tokens: on CPU a gather with
+    an expanded index reads one index per element and is several times slower.
+    """
+    b, m, d = x.shape
+    flat = index + torch.arange(b, device=index.device)[:, None] * m
+    return x.reshape(b * m, d).index_select(0, flat.reshape(-1)).reshape(b, index.shape[1], d)
+
+
 @dataclass
 class DPCResult:
     """Output of :func:`dpc_knn`.
@@ -235,7 +246,7 @@ def nearest_center(x: Tensor, centers: Tensor, dist: Tensor | None = None, *, ma
         d = db.gather(2, cb[:, None, :].expand(b, m, cb.shape[-1]))
         out = d.argmin(dim=-1)
     else:
-        cx = xb.gather(1, cb[:, :, None].expand(b, cb.shape[-1], c))
+        cx = take_rows(xb, cb)
         rows = _rows_per_block(b, cb.shape[-1], max_block)
         out = torch.empty(b, m, dtype=torch.long, device=x.device)
         for start in range(0, m, rows):
@@ -283,4 +294,4 @@ def cluster_sums(x: Tensor, labels: Tensor, k: int, weight: Tensor | None = None
     return sums[..., :k, :], counts[..., :k]
 
 
-__all__ = ["DPCResult", "cluster_sums", "dpc_density", "dpc_knn", "dpc_parent_distance", "nearest_center", "scaled_cdist", "squared_norms", "top_scores"]
+__all__ = ["DPCResult", "cluster_sums", "dpc_density", "dpc_knn", "dpc_parent_distance", "nearest_center", "scaled_cdist", "squared_norms", "take_rows", "top_scores"]

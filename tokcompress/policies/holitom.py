@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..cluster import cluster_sums, dpc_knn, nearest_center
+from ..cluster import cluster_sums, dpc_knn, nearest_center, take_rows
 from ..policy import Policy, check_positions
 from ..registry import register
 from ..tokens import Compression, TokenSet
@@ -196,7 +196,7 @@ def _merge_clusters(x: Tensor, centers: Tensor, labels: Tensor, beta: float, no_
     is_center = torch.zeros(b, m, dtype=torch.bool, device=x.device)
     is_center.scatter_(1, centers, True)
     sums, counts = cluster_sums(x, labels, k, weight=~is_center)  # members only
-    center_x = x.gather(1, centers[:, :, None].expand(b, k, d))
+    center_x = take_rows(x, centers)
     if no_beta:
         merged = (sums + center_x) / (counts + 1)[:, :, None]
     else:
@@ -322,7 +322,7 @@ def holitom_outer(
         length = e - s + 1
         rest_mask = ~frame_static[s : e + 1] & ~chosen[s : e + 1]
         rest = rest_mask.nonzero()[:, 1].reshape(length, -1)  # ascending positions per frame
-        rest_feat = feats[s : e + 1].gather(1, rest[:, :, None].expand(-1, -1, dim))
+        rest_feat = take_rows(feats[s : e + 1], rest)
         centers, labels, merged = _cluster(rest_feat, contextual, k, beta, no_beta)
         frames = torch.arange(s, e + 1, device=device)[:, None]
         cpos = rest.gather(1, centers)
