@@ -25,6 +25,16 @@ from benchmarks import common, ttft, videoqa
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 CPU_JSON = "ttft-default-cpu.json"
+#: Each policy alone against a step-by-step transcription of its reference (issue: >= 2x at 32 frames).
+SPEED_TABLES = (
+    ("policy-speed-cpu", "EVS, EVS-pixel, DivPrune", "python benchmarks/policy_speed.py --threads 2 --out benchmarks/results/policy-speed-cpu"),
+    (
+        "fastholi-speed-cpu",
+        "DPC-kNN, FastVID, HoliTom",
+        "python benchmarks/fastholi_speed.py --frames 16 32 64 256 --dims 896 3584 --memory --threads 2 "
+        "> benchmarks/results/fastholi-speed-cpu.txt",
+    ),
+)
 GPU_JSON = "ttft-llava-onevision-qwen2-7b-cuda.json"
 
 
@@ -99,6 +109,32 @@ def _papers_block(results: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def _speed_block(results_dir: Path) -> list[str]:
+    """The policies alone against their reference transcriptions, as the speed scripts wrote them."""
+    lines: list[str] = []
+    for stem, what, command in SPEED_TABLES:
+        md, txt = results_dir / f"{stem}.md", results_dir / f"{stem}.txt"
+        if not (md.exists() or txt.exists()):
+            continue
+        if not lines:
+            lines = [
+                "### Policies alone against their references",
+                "",
+                "Seconds per call of each policy on synthetic `(T, 196, D)` features (T frames of LLaVA-OneVision's "
+                "14x14 grid, D = 896 or 3584 as the 0.5B and 7B models), beside a transcription of the reference's "
+                "own formulation kept in `benchmarks/` (not in the library). `policy_speed.py` checks on every row that "
+                "both keep the same tokens; the FastVID, HoliTom and DPC-kNN transcriptions are checked against the library "
+                "in `tests/test_fastvid.py`, `tests/test_holitom.py` and `tests/test_dpc_knn.py`.",
+                "",
+            ]
+        lines += [f"{what} (`{command}`):", ""]
+        lines += [md.read_text().rstrip(), ""] if md.exists() else ["```", txt.read_text().rstrip(), "```", ""]
+    if (results_dir / "policy-speed-cpu.json").exists():
+        meta = json.loads((results_dir / "policy-speed-cpu.json").read_text()).get("meta", {})
+        lines += [f"Machine: {meta.get('machine')} CPU, {meta.get('threads')} torch threads, torch {meta.get('torch')}.", ""]
+    return lines
+
+
 def section(results_dir: Path, root: Path) -> str:
     """The generated Markdown between the markers (without the markers)."""
     lines = [
@@ -121,6 +157,7 @@ def section(results_dir: Path, root: Path) -> str:
             result, "Time to first token: LLaVA-OneVision-7B shape on a GPU", gpu.with_suffix(".png"), root
         )
     lines += _papers_block(found)
+    lines += _speed_block(results_dir)
     for jsonl in sorted(results_dir.glob("videoqa-*.jsonl")):
         rows = list(videoqa.load_done(jsonl).values())
         if not rows:

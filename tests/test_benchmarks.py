@@ -200,3 +200,15 @@ def test_videoqa_help_lists_the_eight_benchmarks(capsys):
     for task in ("mvbench", "videomme", "videomme_w_subtitle", "egoschema_subset", "nextqa_mc_test",
                  "longvideobench_val_v", "mlvu_dev", "perceptiontest_val_mc", "activitynetqa"):  # fmt: skip
         assert f"  {task} " in text
+
+
+def test_readme_results_include_the_policy_speed_tables(tmp_path):
+    """The speed scripts' outputs appear in the generated section, absent ones leave no heading."""
+    assert "Policies alone" not in README_results.section(tmp_path, tmp_path)
+    table = "| policy | frames |\n|---|---|\n| evs | 32 |"
+    (tmp_path / "policy-speed-cpu.md").write_text(table + "\n")
+    (tmp_path / "fastholi-speed-cpu.txt").write_text("policy  T\nfastvid 32\n")
+    text = README_results.section(tmp_path, tmp_path)
+    assert "### Policies alone against their references" in text
+    assert table in text and "```\npolicy  T\nfastvid 32\n```" in text
+    assert text.index("EVS, EVS-pixel, DivPrune") < text.index("DPC-kNN, FastVID, HoliTom")
