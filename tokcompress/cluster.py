@@ -119,9 +119,11 @@ def scaled_cdist(a: Tensor, b: Tensor) -> Tensor:
     b64 = a64 if b is a else b.double()
     sq_a = squared_norms(a64)
     sq_b = sq_a if b is a else squared_norms(b64)
-    d2 = torch.baddbmm(sq_a[..., :, None] + sq_b[..., None, :], a64, b64.transpose(-1, -2), alpha=-2) \
-        if a64.dim() == 3 else torch.addmm(sq_a[:, None] + sq_b[None, :], a64, b64.T, alpha=-2)
-    return (d2.clamp_min_(0).sqrt_() / math.sqrt(a.shape[-1])).float()
+    # in place on the |a|^2 + |b|^2 matrix: the same GEMM (beta = 1) and element-wise steps as the
+    # out-of-place forms, without two more matrix-sized buffers
+    d2 = sq_a[..., :, None] + sq_b[..., None, :]
+    d2 = d2.baddbmm_(a64, b64.transpose(-1, -2), alpha=-2) if a64.dim() == 3 else d2.addmm_(a64, b64.T, alpha=-2)
+    return d2.clamp_min_(0).sqrt_().div_(math.sqrt(a.shape[-1])).float()
 
 
 def _batched(x: Tensor, name: str = "x") -> tuple[Tensor, bool]:
