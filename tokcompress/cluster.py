@@ -177,7 +177,7 @@ def dpc_parent_distance(
 
     def parent(d: Tensor, dens_rows: Tensor) -> Tensor:
         denser = density[:, None, :] > dens_rows[:, :, None]
-        nearest = d.masked_fill(~denser, math.inf).min(dim=-1).values
+        nearest = torch.where(denser, d, math.inf).min(dim=-1).values
         return torch.where(torch.isinf(nearest), dist_max[:, None].expand_as(nearest), nearest)
 
     if dist is not None:
