@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UnsupportedModelError, UnsupportedUsageError
-from .layers import Layout, compact_index, kept_position_kwargs, layer_mask
+from .layers import Layout, attention_rows, compact_index, kept_position_kwargs, layer_mask, require_qk
 from .policies.framefusion import MERGE_TOPK, FrameFusion, FrameFusionState
 
 if TYPE_CHECKING:
@@ -69,12 +69,7 @@ class FrameFusionSites:
         if register_post is None:
             raise UnsupportedUsageError(f"{policy.label} needs forward hooks on the attention modules (register_post)")
         for i, attn in enumerate(runner.attn):
-            for name in ("q_proj", "k_proj", "head_dim", "scaling"):
-                if not hasattr(attn, name):
-                    raise UnsupportedModelError(
-                        f"the attention module of decoder layer {i} ({type(attn).__name__}) has no {name!r}; "
-                        "framefusion recomputes the last query row from q_proj/k_proj"
-                    )
+            require_qk(attn, i, "framefusion recomputes the last query row from q_proj/k_proj")
         for i, layer in enumerate(layers):
             # Gemma-style layers normalise the attention output before the residual add: attn_out' would be renormed.
             if hasattr(layer, "pre_feedforward_layernorm") or hasattr(layer, "post_feedforward_layernorm"):
@@ -85,7 +80,6 @@ class FrameFusionSites:
         self.runner = runner
         self.policy = policy
         self.depth = len(layers)
-        self.budget_layers = policy.budget_layers(self.depth)
         self._prefill: Any = None  # the runner's _Prefill this state belongs to
         self.states: list[FrameFusionState] = []
         self.chain: Tensor | None = None  # (B, L0) chain key per compact-prompt slot, -1 off the grid
@@ -157,8 +151,6 @@ class FrameFusionSites:
             self.scores = None
             if not self._active() or not any(s.wants_prune for s in self.states):
                 return
-            from .layers import attention_rows
-
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             cos, sin = kwargs["position_embeddings"]
             valid = self.runner._current().mask.bool()
@@ -215,10 +207,10 @@ class FrameFusionSites:
             before = vis.numel()
             start = time.perf_counter()
             if prune:
-                step = self.policy.prune(state, prune_scores[r, :, 0, vis].float().mean(dim=0), self.budget_layers)
+                step = self.policy.prune(state, prune_scores[r, :, 0, vis].float().mean(dim=0), self.depth)
                 kept, kind, info = step.keep, 3, {"ratio": step.ratio}
             else:
-                step = self.policy.merge(state, hidden[r, vis], self.chain[r, origin], self.budget_layers)
+                step = self.policy.merge(state, hidden[r, vis], self.chain[r, origin], self.depth)
                 kept, kind = step.keep, step.kind
                 info = {"fraction": step.fraction, "upper_bound": step.upper_bound}
                 if kept.numel() < before:

@@ -119,6 +119,15 @@ def attention_rows(
     return logits.softmax(dim=-1)
 
 
+def require_qk(attn: nn.Module, layer: int, why: str) -> None:
+    """Refuse an attention module whose rows :func:`attention_rows` cannot recompute; ``why`` says who needs them."""
+    for name in ("q_proj", "k_proj", "head_dim", "scaling"):
+        if not hasattr(attn, name):
+            raise UnsupportedModelError(
+                f"the attention module of decoder layer {layer} ({type(attn).__name__}) has no {name!r}; {why}"
+            )
+
+
 def _rope(attn: nn.Module) -> Callable[..., tuple[Tensor, Tensor]]:
     """The ``apply_rotary_pos_emb`` of the attention module's own modeling file."""
     return sys.modules[type(attn).__module__].apply_rotary_pos_emb
@@ -247,12 +256,7 @@ class LayerRunner:
         if decode_policy is not None:
             probed |= {self.decode_layer - 1, depth - 1}  # the last layer fingerprints rows (_check_row_order)
         for i in sorted(probed):
-            for name in ("q_proj", "k_proj", "head_dim", "scaling"):
-                if not hasattr(self.attn[i], name):
-                    raise UnsupportedModelError(
-                        f"the attention module of decoder layer {i} ({type(self.attn[i]).__name__}) has no {name!r}; "
-                        "in-layer and decode-time policies recompute attention rows from q_proj/k_proj"
-                    )
+            require_qk(self.attn[i], i, "in-layer and decode-time policies recompute attention rows from q_proj/k_proj")
         self.prefill: _Prefill | None = None
         self.step: _Step | None = None
         for i, layer in enumerate(layers):
