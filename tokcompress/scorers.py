@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .policies.free_video_llm import pair_pool
+
 #: Signals a scorer may provide; a policy that needs one of them needs a scorer.
 SCORER_SIGNALS = frozenset({"frame_scores", "patch_scores"})
 
@@ -232,10 +234,7 @@ class CLIPScorer(Scorer):
             side = int(round(patches.shape[1] ** 0.5))
             if side * side != patches.shape[1]:
                 raise RuntimeError(f"CLIP returned {patches.shape[1]} patches per frame, not a square grid")
-            grid = patches.reshape(patches.shape[0], side, side, -1)
-            if side % 2:
-                grid = torch.cat([grid, grid[:, :, -1:]], dim=2)
-            pooled = grid.reshape(grid.shape[0], side, grid.shape[2] // 2, 2, -1).amax(3)
+            pooled = pair_pool(patches.reshape(patches.shape[0], side, side, -1))
             patch_scores.append(torch.nn.functional.normalize(pooled, dim=-1) @ text)
         return {"frame_scores": torch.cat(frame_scores).cpu(), "patch_scores": torch.cat(patch_scores).cpu()}
 

@@ -43,18 +43,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..cluster import top_scores
 from ..policy import Policy, check_retain
 from ..registry import register
 from ..tokens import Compression, TokenSet, selection
+from .fastv import top_indices
 from .quota import per_step, scores_or_raise
 
 
 def text_guided(scores: Tensor, k: int) -> list[int]:
     """The ``k`` frames with the highest scores, in time order (all frames if ``k >= T``)."""
-    if k >= scores.numel():
-        return list(range(scores.numel()))
-    top = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
-    return sorted(int(i) for i in top)
+    return top_indices(scores.float(), min(k, scores.numel())).tolist()
 
 
 def middle_frames(t: int, k: int) -> list[int]:
@@ -63,11 +62,12 @@ def middle_frames(t: int, k: int) -> list[int]:
 
 
 def pair_pool(frame: Tensor) -> Tensor:
-    """``(h, w, D)`` -> ``(h, ceil(w / 2), D)``: maximum of horizontal token pairs (a lone last column stays)."""
-    h, w, dim = frame.shape
+    """``(..., h, w, D)`` -> ``(..., h, ceil(w / 2), D)``: maximum of horizontal token pairs (a lone last
+    column stays). The reference pools its LLM tokens and, in its CLIP scorer, the patch features this way."""
+    *lead, h, w, dim = frame.shape
     if w % 2:
-        frame = torch.cat([frame, frame[:, -1:]], dim=1)
-    return frame.reshape(h, (w + 1) // 2, 2, dim).amax(2)
+        frame = torch.cat([frame, frame[..., -1:, :]], dim=-2)
+    return frame.reshape(*lead, h, (w + 1) // 2, 2, dim).amax(-2)
 
 
 def roi_view(h: int, w2: int) -> tuple[int, int]:
@@ -79,7 +79,7 @@ def roi_box(scores: Tensor, rows: int, cols: int, roi: float) -> tuple[int, int,
     """``(top, bottom, left, right)`` of the ROI box on a ``rows x cols`` view of flat ``scores``."""
     m = scores.numel()
     k = max(1, int(m * roi))
-    idx = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
+    idx = top_scores(scores.float(), k)
     cx = int((idx % cols).double().mean())
     cy = int((idx // cols).double().mean())
     bh = max(1, min(rows, round(rows * math.sqrt(roi))))

@@ -107,7 +107,8 @@ def quota_assign(features: Tensor, scores: Tensor, retain: float) -> Compression
     device = features.device
     if budget >= t * n:
         return selection(torch.arange(t * n, device=device), info={"frame_tokens": [n] * t})
-    counts = frame_counts(quota_weights(scores), budget, n)
+    weights = quota_weights(scores)
+    counts = frame_counts(weights, budget, n)
     if int(counts.sum()) == 0:  # budget below one token per frame: keep one token of the best frame
         counts[int(torch.argmax(scores))] = 1
     keep, values, shapes = [], [], []
@@ -126,7 +127,7 @@ def quota_assign(features: Tensor, scores: Tensor, retain: float) -> Compression
     info = {
         "frame_tokens": [r * c for r, c in shapes],
         "frame_grids": shapes,
-        "weights": quota_weights(scores).tolist(),
+        "weights": weights.tolist(),
     }
     return Compression(keep=torch.cat(keep), values=torch.cat(values), info=info)
 
