@@ -165,7 +165,8 @@ class LayerTokens:
         hidden: ``(N, D)`` hidden states entering layer ``K`` (the output of layer ``K - 1``).
         attention: ``(H, Q, N)`` float32 softmax attention of layer ``K - 1``, per head, from the ``Q``
             query rows the policy asked for to these tokens; each row was normalised over the whole
-            sequence, so a row restricted to the visual columns sums to less than 1.
+            sequence, so a row restricted to the visual columns sums to less than 1. Empty,
+            ``(0, 0, N)``, for policies that read none (``LayerPolicy.queries = None``).
         positions: ``(N,)`` int64 indices into the original LM input of each token (its position id).
         video: ``(N,)`` int64 index of the video (within the row) each token comes from.
         frame: ``(N,)`` int64 temporal grid index of each token within its video.
@@ -177,7 +178,6 @@ class LayerTokens:
             (so ``t``, ``y``, ``x`` follow from ``grids``), for policies that need the spatial layout
             (STTM); ``None`` where the engine did not provide it.
         grids: per video of the row, its ``(T, h, w)`` token grid (the ``video`` labels index it).
-        attention is empty ``(0, 0, N)`` for policies that read none (``LayerPolicy.queries = None``).
         queries: ``(Q,)`` int64 original positions of the query rows of ``attention``, or ``None``.
         entered: visual tokens of the row when the prefill entered the language model (after the
             input stages, before any in-layer stage): the base of budgets that several stages share.
